@@ -1,0 +1,383 @@
+"""Fixed-point solvers for z = f(z): fixed-point iteration, Anderson acceleration, limited-memory Broyden.
+
+Every solver is a function ``solver(f, z0, *, max_iter, tol, stop_mode, trace, **options) -> (z, stats)``:
+
+* ``z0`` is a tensor of shape (B, ...) or a list of such tensors; ``f`` maps a state of that structure to
+  one of the same structure. Internally the state is a (B, D) matrix.
+* The residual of an iterate z_k is measured per sample when f(z_k) is evaluated:
+  ``abs = ||f(z_k) - z_k||_2`` and ``rel = abs / (||f(z_k)||_2 + 1e-8)``; ``stop_mode`` picks which one is
+  compared with ``tol``.
+* **Stopping is per sample.** A sample stops when its residual is ``<= tol`` (converged), when its residual is
+  not finite, or when its abs residual grew past ``divergence_factor`` times its first one (diverged). A stopped
+  sample is frozen: its result is never updated again, so it does not depend on the other samples in the batch.
+  The loop ends when every sample has stopped or after ``max_iter`` evaluations of f.
+* The returned state is, per sample, the iterate with the lowest residual seen before it stopped (z0 included),
+  so it is always finite when z0 is. ``SolverStats`` says how it was reached.
+
+The solvers never build an autograd graph of their own; call them under ``torch.no_grad()`` (``DEQ`` does).
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from .state import State, StatePacker
+
+__all__ = [
+    "SolverStats",
+    "fixed_point",
+    "anderson",
+    "broyden",
+    "register_solver",
+    "get_solver",
+    "list_solvers",
+    "solver_options",
+]
+
+STOP_MODES = ("abs", "rel")
+_NORM_EPS = 1e-8
+
+
+@dataclass
+class SolverStats:
+    """What a solve did, per sample (tensors of shape (B,)).
+
+    Attributes:
+        solver: name of the solver.
+        nstep: number of f-evaluations made until the returned iterate's residual was known
+            (for a converged sample: the evaluation at which it converged).
+        abs_residual: ||f(z) - z|| of the returned iterate.
+        rel_residual: ||f(z) - z|| / ||f(z)|| of the returned iterate.
+        converged: the returned iterate meets ``tol``.
+        diverged: the sample stopped because its residual became non-finite or exploded.
+        nfe: f-evaluations made for the whole batch.
+        trace: (B, nfe) residuals in ``stop_mode`` at every evaluation, when asked for (else None).
+        backward: stats of the backward (implicit-gradient) solve, filled in by ``DEQ`` when it runs.
+        jac_loss: the Jacobian-regularisation estimate, set by ``DEQ`` when asked for.
+    """
+
+    solver: str
+    nstep: torch.Tensor
+    abs_residual: torch.Tensor
+    rel_residual: torch.Tensor
+    converged: torch.Tensor
+    diverged: torch.Tensor
+    nfe: int
+    trace: Optional[torch.Tensor] = None
+    backward: Optional["SolverStats"] = field(default=None, repr=False)
+    jac_loss: Optional[torch.Tensor] = field(default=None, repr=False)
+
+    def summary(self) -> Dict[str, float]:
+        """Batch means as plain floats, for logging."""
+        out = {
+            "nstep": self.nstep.float().mean().item(),
+            "abs_residual": _finite_mean(self.abs_residual),
+            "rel_residual": _finite_mean(self.rel_residual),
+            "converged": self.converged.float().mean().item(),
+            "diverged": self.diverged.float().mean().item(),
+            "nfe": float(self.nfe),
+        }
+        if self.backward is not None:
+            out.update({f"bwd_{k}": v for k, v in self.backward.summary().items()})
+        if self.jac_loss is not None:
+            out["jac_loss"] = float(self.jac_loss.detach())
+        return out
+
+
+def _finite_mean(t: torch.Tensor) -> float:
+    t = t.float()
+    finite = torch.isfinite(t)
+    return t[finite].mean().item() if bool(finite.any()) else math.inf
+
+
+class _Progress:
+    """Per-sample bookkeeping shared by the solvers: residuals, best iterate, stopping, trace."""
+
+    def __init__(self, x0: torch.Tensor, tol: float, stop_mode: str, trace: bool, divergence_factor: float):
+        b = x0.shape[0]
+        dev = x0.device
+        self.best = x0.clone()
+        self.best_abs = torch.full((b,), math.inf, device=dev, dtype=x0.dtype)
+        self.best_rel = torch.full((b,), math.inf, device=dev, dtype=x0.dtype)
+        self.nstep = torch.zeros(b, dtype=torch.long, device=dev)
+        self.converged = torch.zeros(b, dtype=torch.bool, device=dev)
+        self.diverged = torch.zeros(b, dtype=torch.bool, device=dev)
+        self.stopped = torch.zeros(b, dtype=torch.bool, device=dev)
+        self.first_abs: Optional[torch.Tensor] = None
+        self.tol = tol
+        self.use_rel = stop_mode == "rel"
+        self.divergence_factor = divergence_factor
+        self.trace: Optional[List[torch.Tensor]] = [] if trace else None
+        self.nfe = 0
+
+    def observe(self, x: torch.Tensor, fx: torch.Tensor, g: torch.Tensor) -> bool:
+        """Record the evaluation f(x) = fx with residual g = fx - x; return True when every sample stopped."""
+        self.nfe += 1
+        abs_res = torch.linalg.vector_norm(g, dim=1)
+        rel_res = abs_res / (torch.linalg.vector_norm(fx, dim=1) + _NORM_EPS)
+        res, best_res = (rel_res, self.best_rel) if self.use_rel else (abs_res, self.best_abs)
+        if self.trace is not None:
+            self.trace.append(res)
+        active = ~self.stopped
+        improved = (res < best_res) & active  # NaN compares False: a non-finite iterate never wins
+        torch.where(improved[:, None], x, self.best, out=self.best)
+        torch.where(improved, abs_res, self.best_abs, out=self.best_abs)
+        torch.where(improved, rel_res, self.best_rel, out=self.best_rel)
+        self.nstep.masked_fill_(improved, self.nfe)
+        if self.first_abs is None:
+            self.first_abs = abs_res
+        blown = ~torch.isfinite(res) | (abs_res > self.divergence_factor * self.first_abs)
+        self.diverged |= blown & active
+        self.converged |= (res <= self.tol) & active
+        self.stopped |= self.converged | self.diverged
+        return bool(self.stopped.all())
+
+    def stats(self, solver: str) -> SolverStats:
+        trace = torch.stack(self.trace, dim=1) if self.trace else None
+        return SolverStats(
+            solver=solver,
+            nstep=self.nstep,
+            abs_residual=self.best_abs,
+            rel_residual=self.best_rel,
+            converged=self.converged,
+            diverged=self.diverged,
+            nfe=self.nfe,
+            trace=trace,
+        )
+
+
+def _check_common(max_iter: int, tol: float, stop_mode: str, divergence_factor: float) -> None:
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
+    if not isinstance(tol, (int, float)) or not tol >= 0:
+        raise ValueError(f"tol must be a number >= 0, got {tol!r}")
+    if stop_mode not in STOP_MODES:
+        raise ValueError(f"stop_mode must be one of {STOP_MODES}, got {stop_mode!r}")
+    if not divergence_factor > 1:
+        raise ValueError(f"divergence_factor must be > 1, got {divergence_factor!r}")
+
+
+def _flat(f: Callable[[State], State], z0: State):
+    """Flatten (f, z0) to a function on (B, D) matrices; return it, x0 and the packer."""
+    packer = StatePacker(z0)
+    x0 = packer.pack(z0)
+    dtype = x0.dtype
+
+    if packer.is_list or not isinstance(z0, torch.Tensor) or z0.dim() != 2:
+        def f_flat(x: torch.Tensor) -> torch.Tensor:
+            return packer.pack(f(packer.unpack(x))).to(dtype)
+    else:  # already a (B, D) matrix: no packing needed
+        def f_flat(x: torch.Tensor) -> torch.Tensor:
+            return packer.pack(f(x)).to(dtype)
+    return f_flat, x0, packer
+
+
+_REGISTRY: Dict[str, Callable] = {}
+
+
+def register_solver(name: str):
+    """Decorator adding a solver to the registry used by ``get_solver`` and ``DEQ(solver=name)``."""
+
+    def deco(fn):
+        if name in _REGISTRY:
+            raise ValueError(f"a solver named {name!r} is already registered")
+        _REGISTRY[name] = fn
+        return fn
+
+    return deco
+
+
+def get_solver(name: str) -> Callable:
+    """The solver registered under ``name``."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown solver {name!r}; available: {sorted(_REGISTRY)}") from None
+
+
+def list_solvers() -> List[str]:
+    return sorted(_REGISTRY)
+
+
+def solver_options(name: str) -> Dict[str, object]:
+    """Keyword options a solver takes, with their defaults (used to validate configs)."""
+    sig = inspect.signature(get_solver(name))
+    return {
+        p.name: p.default for p in sig.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+
+
+@register_solver("fixed_point")
+def fixed_point(
+    f: Callable[[State], State],
+    z0: State,
+    *,
+    max_iter: int = 50,
+    tol: float = 1e-4,
+    stop_mode: str = "rel",
+    damping: float = 1.0,
+    trace: bool = False,
+    divergence_factor: float = 1e6,
+):
+    """Damped fixed-point (Picard) iteration z <- damping * f(z) + (1 - damping) * z.
+
+    Stops per sample as described in the module docstring. Returns (z, SolverStats) with z the per-sample
+    lowest-residual iterate, in the structure of ``z0``.
+    """
+    _check_common(max_iter, tol, stop_mode, divergence_factor)
+    if not 0 < damping <= 1:
+        raise ValueError(f"damping must be in (0, 1], got {damping!r}")
+    f_flat, x, packer = _flat(f, z0)
+    progress = _Progress(x, tol, stop_mode, trace, divergence_factor)
+    for _ in range(max_iter):
+        fx = f_flat(x)
+        g = fx - x
+        if progress.observe(x, fx, g):
+            break
+        x = fx if damping == 1 else torch.add(x, g, alpha=damping)
+    return packer.unpack(progress.best), progress.stats("fixed_point")
+
+
+@register_solver("anderson")
+def anderson(
+    f: Callable[[State], State],
+    z0: State,
+    *,
+    max_iter: int = 50,
+    tol: float = 1e-4,
+    stop_mode: str = "rel",
+    m: int = 5,
+    lam: float = 1e-4,
+    damping: float = 1.0,
+    trace: bool = False,
+    divergence_factor: float = 1e6,
+):
+    """Anderson acceleration (type II) with history ``m``, per sample.
+
+    With G_i = f(x_i) - x_i for the last n <= m iterates, the mixing weights solve
+    min ||sum_i alpha_i G_i||^2 subject to sum_i alpha_i = 1, i.e. (G G^T + lam * s I) a = 1, alpha = a / sum(a).
+    The regularisation is *relative*: s = trace(G G^T) / n, so ``lam`` means the same at every residual scale.
+    The next iterate is sum_i alpha_i (damping * f(x_i) + (1 - damping) * x_i). When the small system is
+    singular or gives non-finite weights for a sample, that sample takes a damped fixed-point step instead.
+
+    The Gram matrix is updated incrementally (one new row per step) and the n x n systems are solved in float64.
+    Stops per sample as described in the module docstring; returns (z, SolverStats).
+    """
+    _check_common(max_iter, tol, stop_mode, divergence_factor)
+    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+        raise ValueError(f"m (history size) must be a positive integer, got {m!r}")
+    if not lam >= 0:
+        raise ValueError(f"lam must be >= 0, got {lam!r}")
+    if not 0 < damping <= 1:
+        raise ValueError(f"damping must be in (0, 1], got {damping!r}")
+    f_flat, x, packer = _flat(f, z0)
+    b, d = x.shape
+    progress = _Progress(x, tol, stop_mode, trace, divergence_factor)
+    F = x.new_empty(b, m, d)  # f(x_i)
+    G = x.new_empty(b, m, d)  # f(x_i) - x_i
+    gram = torch.zeros(b, m, m, dtype=torch.float64, device=x.device)
+    eye = torch.eye(m, dtype=torch.float64, device=x.device)
+    ones = torch.ones(b, m, 1, dtype=torch.float64, device=x.device)
+    for k in range(max_iter):
+        fx = f_flat(x)
+        slot = k % m
+        n = min(k + 1, m)
+        F[:, slot] = fx
+        g = torch.sub(fx, x, out=G[:, slot])
+        if progress.observe(x, fx, g):
+            break
+        if n == 1:
+            x = fx if damping == 1 else torch.add(x, g, alpha=damping)
+            gram[:, 0, 0] = (g * g).sum(dim=1)
+            continue
+        row = torch.bmm(G[:, :n], g.unsqueeze(2)).squeeze(2).double()  # (B, n): <G_i, g>
+        gram[:, slot, :n] = row
+        gram[:, :n, slot] = row
+        H = gram[:, :n, :n]
+        scale = H.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(torch.finfo(torch.float64).tiny)
+        H = H + (lam * scale)[:, None, None] * eye[:n, :n]
+        a, info = torch.linalg.solve_ex(H, ones[:, :n])
+        a = a.squeeze(2)
+        alpha = a / a.sum(dim=1, keepdim=True)
+        bad = (info != 0) | ~torch.isfinite(alpha).all(dim=1)
+        if bool(bad.any()):
+            alpha = torch.where(bad[:, None], torch.nn.functional.one_hot(torch.tensor(slot), n).to(alpha), alpha)
+        alpha = alpha.to(x.dtype).unsqueeze(1)  # (B, 1, n)
+        x = torch.bmm(alpha, F[:, :n]).squeeze(1)
+        if damping != 1:
+            x.sub_(torch.bmm(alpha, G[:, :n]).squeeze(1), alpha=1 - damping)
+    return packer.unpack(progress.best), progress.stats("anderson")
+
+
+@register_solver("broyden")
+def broyden(
+    f: Callable[[State], State],
+    z0: State,
+    *,
+    max_iter: int = 50,
+    tol: float = 1e-4,
+    stop_mode: str = "rel",
+    memory: int = 20,
+    trace: bool = False,
+    divergence_factor: float = 1e6,
+):
+    """Limited-memory "good" Broyden on g(z) = f(z) - z, per sample.
+
+    The inverse Jacobian of g is approximated by H = -I + sum_i u_i v_i^T over at most ``memory`` rank-one
+    updates, and each step is z <- z - H g(z) (the first step is the plain fixed-point step). When the memory is
+    full, H restarts from -I (a restarted Broyden: overwriting the oldest update instead breaks the secant
+    conditions and diverges on hard problems).
+    An update whose denominator vanishes or is not finite is skipped for that sample. No line search.
+    Stops per sample as described in the module docstring; returns (z, SolverStats).
+    """
+    _check_common(max_iter, tol, stop_mode, divergence_factor)
+    if isinstance(memory, bool) or not isinstance(memory, int) or memory < 1:
+        raise ValueError(f"memory must be a positive integer, got {memory!r}")
+    f_flat, x, packer = _flat(f, z0)
+    b, d = x.shape
+    progress = _Progress(x, tol, stop_mode, trace, divergence_factor)
+    U = x.new_zeros(b, memory, d)
+    V = x.new_zeros(b, memory, d)
+    n = 0  # number of stored updates
+
+    def h_times(y):  # H y = -y + U^T (V y)
+        if n == 0:
+            return -y
+        c = torch.bmm(V[:, :n], y.unsqueeze(2))  # (B, n, 1)
+        return torch.bmm(c.transpose(1, 2), U[:, :n]).squeeze(1) - y
+
+    def times_h(y):  # y^T H = -y^T + (y^T U^T) V
+        if n == 0:
+            return -y
+        c = torch.bmm(U[:, :n], y.unsqueeze(2))
+        return torch.bmm(c.transpose(1, 2), V[:, :n]).squeeze(1) - y
+
+    fx = f_flat(x)
+    g = fx - x
+    if not progress.observe(x, fx, g):
+        dx = g.clone()  # -H0 g with H0 = -I
+        for k in range(1, max_iter):
+            x = x + dx
+            fx = f_flat(x)
+            g_new = fx - x
+            if progress.observe(x, fx, g_new):
+                break
+            dg = g_new - g
+            g = g_new
+            h_dg = h_times(dg)
+            v = times_h(dx)
+            denom = (dx * h_dg).sum(dim=1, keepdim=True)
+            ok = torch.isfinite(denom) & (denom.abs() > 1e-30) & torch.isfinite(h_dg).all(dim=1, keepdim=True)
+            u = torch.where(ok, (dx - h_dg) / torch.where(ok, denom, torch.ones_like(denom)), torch.zeros_like(dx))
+            v = torch.where(ok, v, torch.zeros_like(v))
+            if n == memory:  # memory full: restart from H = -I (dropping old updates one by one is unstable)
+                n = 0
+            U[:, n] = u
+            V[:, n] = v
+            n += 1
+            dx = -h_times(g)
+    return packer.unpack(progress.best), progress.stats("broyden")

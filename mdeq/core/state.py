@@ -1,0 +1,80 @@
+"""Packing a DEQ state into one (B, D) matrix and back.
+
+A DEQ state is either one tensor of shape (B, ...) or a list of tensors that share the batch size
+(one per resolution in MDEQ). Solvers work on the flattened (B, D) matrix so that every norm,
+mixing step and stopping test is a plain per-row operation.
+"""
+from __future__ import annotations
+
+from typing import List, Sequence, Union
+
+import torch
+
+State = Union[torch.Tensor, List[torch.Tensor]]
+
+__all__ = ["State", "StatePacker"]
+
+
+class StatePacker:
+    """Remembers the structure of a state so it can be packed to (B, D) and unpacked again.
+
+    ``pack`` is a view for a single tensor and one ``torch.cat`` for a list; ``unpack`` returns views.
+    """
+
+    def __init__(self, state: State):
+        if isinstance(state, torch.Tensor):
+            tensors: Sequence[torch.Tensor] = [state]
+            self.is_list = False
+        elif isinstance(state, (list, tuple)) and len(state) > 0 and all(isinstance(t, torch.Tensor) for t in state):
+            tensors = list(state)
+            self.is_list = True
+        else:
+            raise TypeError(
+                "a DEQ state must be a tensor of shape (B, ...) or a non-empty list of such tensors, "
+                f"got {type(state).__name__}"
+            )
+        for i, t in enumerate(tensors):
+            if t.dim() < 1:
+                raise ValueError(f"state tensor {i} is a scalar; expected shape (B, ...) with a batch dimension")
+            if not t.is_floating_point():
+                raise TypeError(f"state tensor {i} has dtype {t.dtype}; a DEQ state must be floating point")
+        batch_sizes = {t.shape[0] for t in tensors}
+        if len(batch_sizes) != 1:
+            raise ValueError(
+                f"all tensors of a list state must share the batch size, got {[t.shape[0] for t in tensors]}"
+            )
+        self.batch_size = tensors[0].shape[0]
+        self.shapes = [tuple(t.shape[1:]) for t in tensors]
+        self.sizes = [int(torch.Size(s).numel()) for s in self.shapes]
+        self.dim = sum(self.sizes)
+
+    def pack(self, state: State) -> torch.Tensor:
+        """(B, ...) tensor or list of tensors -> (B, D) matrix."""
+        b = self.batch_size
+        if not self.is_list:
+            if not isinstance(state, torch.Tensor):
+                raise TypeError(f"expected a tensor state like the initial one, got {type(state).__name__}")
+            self._check_shape(0, state)
+            return state.reshape(b, -1)
+        if not isinstance(state, (list, tuple)) or len(state) != len(self.shapes):
+            raise TypeError(
+                f"expected a list of {len(self.shapes)} tensors like the initial state, got "
+                f"{type(state).__name__}{'' if not isinstance(state, (list, tuple)) else f' of {len(state)}'}"
+            )
+        for i, t in enumerate(state):
+            self._check_shape(i, t)
+        return torch.cat([t.reshape(b, -1) for t in state], dim=1)
+
+    def unpack(self, flat: torch.Tensor) -> State:
+        """(B, D) matrix -> the original structure (views of ``flat``)."""
+        b = flat.shape[0]
+        if not self.is_list:
+            return flat.view(b, *self.shapes[0])
+        return [chunk.view(b, *shape) for chunk, shape in zip(flat.split(self.sizes, dim=1), self.shapes)]
+
+    def _check_shape(self, i: int, t: torch.Tensor) -> None:
+        if tuple(t.shape[1:]) != self.shapes[i] or t.shape[0] != self.batch_size:
+            raise ValueError(
+                f"f returned a state tensor {i} of shape {tuple(t.shape)}; expected "
+                f"{(self.batch_size, *self.shapes[i])}, the shape of the initial state"
+            )

@@ -1,0 +1,35 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+here = Path(__file__).parent
+version = {}
+for line in (here / "mdeq" / "__init__.py").read_text().splitlines():
+    if line.startswith("__version__"):
+        exec(line, version)
+
+setup(
+    name="mdeq-zoo",
+    version=version["__version__"],
+    description="Multiscale deep equilibrium (MDEQ) vision backbones for timm, with a shared DEQ core",
+    long_description=(here / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.9",
+    packages=find_packages(include=["mdeq", "mdeq.*", "zoo", "zoo.*"]),
+    package_data={"zoo": ["*.json"]},
+    install_requires=[
+        "torch>=2.1,<=2.14.1",
+        "torchvision",
+        "timm>=1.0,<1.1",
+        "albumentations==2.0.8",
+        "hydra-core>=1.3,<1.4",
+        "tensorboard",
+        "safetensors",
+        "huggingface_hub",
+        "scikit-learn",
+        "tqdm",
+        "numpy",
+    ],
+    extras_require={"dev": ["pytest>=7", "pytest-timeout"]},
+)

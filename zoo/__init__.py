@@ -1,0 +1,1 @@
+"""Weights hosting for mdeq-zoo: catalog, verified download and publishing (imports nothing from mdeq)."""
