@@ -31,5 +31,5 @@ setup(
         "tqdm",
         "numpy",
     ],
-    extras_require={"dev": ["pytest>=7", "pytest-timeout"]},
+    extras_require={"dev": ["pytest>=7"]},
 )

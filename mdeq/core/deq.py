@@ -4,7 +4,8 @@
     z_star, stats = deq(lambda z: cell(z, x), z0)
 
 * The state ``z0`` is a tensor (B, ...) or a list of tensors (one per resolution); the solve runs on the
-  packed (B, D) matrix, in float32 (float64 when z0 is float64) even under autocast.
+  packed (B, D) matrix, in float32 (float64 when z0 is float64) with autocast switched off, so z* is an
+  accurate fixed point; the differentiable application that follows runs under the caller's autocast.
 * With grad disabled (inference) the result is the solver's lowest-residual iterate z*. With grad enabled the
   result is differentiable in the parameters of f and in anything f closes over (the injection):
     - ``backward="ift"``: one extra application f(z*) carrying the implicit gradient, whose backward solves
@@ -21,7 +22,7 @@ Every option is validated; an unknown one is an error. ``configure(**changes)`` 
 """
 from __future__ import annotations
 
-import math
+import contextlib
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
@@ -182,7 +183,7 @@ class DEQ(nn.Module):
             return packer.unpack(z), stats
 
         solver = get_solver(o["solver"])
-        with torch.no_grad():
+        with torch.no_grad(), _autocast_off(x0.device.type):
             z_star, stats = solver(
                 f_flat, x0.detach(), max_iter=o["max_iter"], tol=o["tol"], stop_mode=o["stop_mode"],
                 trace=o["trace"], **o["solver_options"],
@@ -208,6 +209,13 @@ class DEQ(nn.Module):
         if jac_probes:
             stats.jac_loss = jacobian_reg(fz, z, jac_probes)
         return packer.unpack(out), stats
+
+
+def _autocast_off(device_type: str):
+    """The forward solve runs in full precision even under autocast, so z* is an accurate fixed point."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _unroll_stats(z: torch.Tensor, prev: torch.Tensor, steps: int, tol: float, stop_mode: str) -> SolverStats:

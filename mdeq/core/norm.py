@@ -58,7 +58,17 @@ def remove_weight_norm(module: nn.Module) -> List[str]:
 
 
 @contextmanager
-def cached_weights() -> Iterator[None]:
-    """Compute every parametrized weight once inside this block and reuse it (with its graph)."""
+def cached_weights(module: Optional[nn.Module] = None) -> Iterator[None]:
+    """Compute every parametrized weight once inside this block and reuse it (with its graph).
+
+    torch caches a weight at its first use, so when that use is inside a ``no_grad`` solve the cached weight
+    would carry no graph and g, v would get no gradient. Passing ``module`` computes all of its parametrized
+    weights on entry, in the caller's grad mode, which is what a DEQ needs.
+    """
     with parametrize.cached():
+        if module is not None:
+            for sub in module.modules():
+                if parametrize.is_parametrized(sub):
+                    for name in sub.parametrizations:
+                        getattr(sub, name)
         yield

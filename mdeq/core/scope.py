@@ -21,7 +21,7 @@ __all__ = ["forward_scope"]
 def forward_scope(cell: nn.Module) -> Iterator[None]:
     reset_dropout(cell)
     try:
-        with cached_weights():
+        with cached_weights(cell):
             yield
     finally:
         reset_dropout(cell)
