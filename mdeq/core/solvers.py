@@ -95,56 +95,88 @@ def _finite_mean(t: torch.Tensor) -> float:
 
 
 class _Progress:
-    """Per-sample bookkeeping shared by the solvers: residuals, best iterate, stopping, trace."""
+    """Per-sample bookkeeping shared by the solvers: residuals, best iterate, stopping, trace.
+
+    The per-sample logic runs on the host over plain Python floats: one device-to-host copy of two (B,)
+    vectors per iteration replaces some twenty tiny tensor ops, which matters when f is cheap.
+    """
 
     def __init__(self, x0: torch.Tensor, tol: float, stop_mode: str, trace: bool, divergence_factor: float):
         b = x0.shape[0]
-        dev = x0.device
-        self.best = x0.clone()
-        self.best_abs = torch.full((b,), math.inf, device=dev, dtype=x0.dtype)
-        self.best_rel = torch.full((b,), math.inf, device=dev, dtype=x0.dtype)
-        self.nstep = torch.zeros(b, dtype=torch.long, device=dev)
-        self.converged = torch.zeros(b, dtype=torch.bool, device=dev)
-        self.diverged = torch.zeros(b, dtype=torch.bool, device=dev)
-        self.stopped = torch.zeros(b, dtype=torch.bool, device=dev)
-        self.first_abs: Optional[torch.Tensor] = None
+        self.x0 = x0
+        self.best = x0  # aliases z0 until the first partial update (see observe)
+        self._best_owned = False
+        self.best_abs = [math.inf] * b
+        self.best_rel = [math.inf] * b
+        self.nstep = [0] * b
+        self.converged = [False] * b
+        self.diverged = [False] * b
+        self.first_abs: Optional[List[float]] = None
         self.tol = tol
         self.use_rel = stop_mode == "rel"
         self.divergence_factor = divergence_factor
-        self.trace: Optional[List[torch.Tensor]] = [] if trace else None
+        self.trace: Optional[List[List[float]]] = [] if trace else None
         self.nfe = 0
 
-    def observe(self, x: torch.Tensor, fx: torch.Tensor, g: torch.Tensor) -> bool:
-        """Record the evaluation f(x) = fx with residual g = fx - x; return True when every sample stopped."""
+    def observe(self, x: torch.Tensor, fx: torch.Tensor, g: torch.Tensor, abs_res: Optional[torch.Tensor] = None
+                ) -> bool:
+        """Record the evaluation f(x) = fx with residual g = fx - x; return True when every sample stopped.
+
+        ``abs_res`` (the per-sample ||g||) may be passed when the solver has it already.
+
+        Contract: the caller never modifies ``x`` in place afterwards. When every active sample improved (the
+        usual case) the best iterate is kept by reference instead of copied, which keeps the loop's overhead
+        to a few passes over the state.
+        """
         self.nfe += 1
-        abs_res = torch.linalg.vector_norm(g, dim=1)
-        rel_res = abs_res / (torch.linalg.vector_norm(fx, dim=1) + _NORM_EPS)
-        res, best_res = (rel_res, self.best_rel) if self.use_rel else (abs_res, self.best_abs)
-        if self.trace is not None:
-            self.trace.append(res)
-        active = ~self.stopped
-        improved = (res < best_res) & active  # NaN compares False: a non-finite iterate never wins
-        torch.where(improved[:, None], x, self.best, out=self.best)
-        torch.where(improved, abs_res, self.best_abs, out=self.best_abs)
-        torch.where(improved, rel_res, self.best_rel, out=self.best_rel)
-        self.nstep.masked_fill_(improved, self.nfe)
+        if abs_res is None:
+            abs_res = torch.linalg.vector_norm(g, dim=1)
+        norms = torch.stack((abs_res.to(fx.dtype), torch.linalg.vector_norm(fx, dim=1))).tolist()  # host sync
         if self.first_abs is None:
-            self.first_abs = abs_res
-        blown = ~torch.isfinite(res) | (abs_res > self.divergence_factor * self.first_abs)
-        self.diverged |= blown & active
-        self.converged |= (res <= self.tol) & active
-        self.stopped |= self.converged | self.diverged
-        return bool(self.stopped.all())
+            self.first_abs = norms[0]
+        trace_row = [] if self.trace is not None else None
+        improved = []
+        for i, (a, fn) in enumerate(zip(*norms)):
+            r = a / (fn + _NORM_EPS)
+            res = r if self.use_rel else a
+            if trace_row is not None:
+                trace_row.append(res)
+            if self.converged[i] or self.diverged[i]:
+                improved.append(False)
+                continue
+            better = res < (self.best_rel[i] if self.use_rel else self.best_abs[i])  # NaN never wins
+            if better:
+                self.best_abs[i], self.best_rel[i], self.nstep[i] = a, r, self.nfe
+            improved.append(better)
+            if not math.isfinite(res) or a > self.divergence_factor * self.first_abs[i]:
+                self.diverged[i] = True
+            elif res <= self.tol:
+                self.converged[i] = True
+        if trace_row is not None:
+            self.trace.append(trace_row)
+        if all(improved):
+            self.best, self._best_owned = x, False
+        elif any(improved):
+            if not self._best_owned:
+                self.best, self._best_owned = self.best.clone(), True
+            mask = torch.tensor(improved, device=x.device)[:, None]
+            torch.where(mask, x, self.best, out=self.best)
+        return all(c or d for c, d in zip(self.converged, self.diverged))
+
+    def result(self) -> torch.Tensor:
+        """The per-sample best iterate, never an alias of the caller's z0."""
+        return self.best.clone() if self.best is self.x0 else self.best
 
     def stats(self, solver: str) -> SolverStats:
-        trace = torch.stack(self.trace, dim=1) if self.trace else None
+        dev, dtype = self.x0.device, self.x0.dtype
+        trace = torch.tensor(self.trace, dtype=dtype, device=dev).T.contiguous() if self.trace else None
         return SolverStats(
             solver=solver,
-            nstep=self.nstep,
-            abs_residual=self.best_abs,
-            rel_residual=self.best_rel,
-            converged=self.converged,
-            diverged=self.diverged,
+            nstep=torch.tensor(self.nstep, dtype=torch.long, device=dev),
+            abs_residual=torch.tensor(self.best_abs, dtype=dtype, device=dev),
+            rel_residual=torch.tensor(self.best_rel, dtype=dtype, device=dev),
+            converged=torch.tensor(self.converged, dtype=torch.bool, device=dev),
+            diverged=torch.tensor(self.diverged, dtype=torch.bool, device=dev),
             nfe=self.nfe,
             trace=trace,
         )
@@ -239,7 +271,7 @@ def fixed_point(
         if progress.observe(x, fx, g):
             break
         x = fx if damping == 1 else torch.add(x, g, alpha=damping)
-    return packer.unpack(progress.best), progress.stats("fixed_point")
+    return packer.unpack(progress.result()), progress.stats("fixed_point")
 
 
 @register_solver("anderson")
@@ -250,7 +282,7 @@ def anderson(
     max_iter: int = 50,
     tol: float = 1e-4,
     stop_mode: str = "rel",
-    m: int = 5,
+    m: int = 7,
     lam: float = 1e-4,
     damping: float = 1.0,
     trace: bool = False,
@@ -288,15 +320,15 @@ def anderson(
         n = min(k + 1, m)
         F[:, slot] = fx
         g = torch.sub(fx, x, out=G[:, slot])
-        if progress.observe(x, fx, g):
+        row = torch.bmm(g.unsqueeze(1), G[:, :n].transpose(1, 2)).squeeze(1)  # (B, n): <g, G_i>, incl. ||g||^2
+        if progress.observe(x, fx, g, abs_res=row[:, slot].clamp_min(0).sqrt()):
             break
-        if n == 1:
-            x = fx if damping == 1 else torch.add(x, g, alpha=damping)
-            gram[:, 0, 0] = (g * g).sum(dim=1)
-            continue
-        row = torch.bmm(G[:, :n], g.unsqueeze(2)).squeeze(2).double()  # (B, n): <G_i, g>
+        row = row.double()
         gram[:, slot, :n] = row
         gram[:, :n, slot] = row
+        if n == 1:
+            x = fx if damping == 1 else torch.add(x, g, alpha=damping)
+            continue
         H = gram[:, :n, :n]
         scale = H.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(torch.finfo(torch.float64).tiny)
         H = H + (lam * scale)[:, None, None] * eye[:n, :n]
@@ -310,7 +342,7 @@ def anderson(
         x = torch.bmm(alpha, F[:, :n]).squeeze(1)
         if damping != 1:
             x.sub_(torch.bmm(alpha, G[:, :n]).squeeze(1), alpha=1 - damping)
-    return packer.unpack(progress.best), progress.stats("anderson")
+    return packer.unpack(progress.result()), progress.stats("anderson")
 
 
 @register_solver("broyden")
@@ -380,4 +412,4 @@ def broyden(
             V[:, n] = v
             n += 1
             dx = -h_times(g)
-    return packer.unpack(progress.best), progress.stats("broyden")
+    return packer.unpack(progress.result()), progress.stats("broyden")

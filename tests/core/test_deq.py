@@ -300,3 +300,24 @@ def test_solve_runs_in_float32_under_autocast():
     assert stats.converged.all()  # a bfloat16 solve stalls near 1e-3
     assert z_train.dtype == torch.float32  # packed state; the graph of f(z*) ran in bfloat16
     torch.testing.assert_close(z_train, z, atol=2e-2, rtol=0)
+
+
+def test_a_registered_solver_is_usable_by_name(problem):
+    from mdeq.core import fixed_point, register_solver
+    from mdeq.core.solvers import list_solvers
+
+    name = "test_half_damped"
+    if name not in list_solvers():
+        @register_solver(name)
+        def half_damped(f, z0, *, max_iter=50, tol=1e-4, stop_mode="rel", trace=False):
+            return fixed_point(f, z0, max_iter=max_iter, tol=tol, stop_mode=stop_mode, trace=trace, damping=0.5)
+
+    with pytest.raises(ValueError, match="already registered"):
+        register_solver(name)(lambda f, z0: None)
+    cell, x, _ = problem
+    with torch.no_grad():
+        z, stats = DEQ(solver=name, max_iter=200, tol=1e-8)(lambda z: cell(z, x), torch.zeros(3, 8, dtype=torch.float64))
+    assert stats.converged.all()
+    torch.testing.assert_close(z, cell(z, x), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="unknown option"):
+        DEQ(solver=name, solver_options=dict(damping=0.3))
