@@ -2,7 +2,8 @@
 
 * ``implicit``: exact gradient by the implicit function theorem. The output is one differentiable application
   f(z*); its incoming gradient v is replaced by the solution u of u = J^T u + v (J = df/dz at z*), found by a
-  fixed-point solver using vector-Jacobian products. Autograd then carries u through f(z*) to the parameters of
+  fixed-point solver using vector-Jacobian products. A sample whose backward solve diverges gets u = v (the
+  one-step gradient) instead of an unbounded one; ``stats.backward.diverged`` says so. Not twice differentiable. Autograd then carries u through f(z*) to the parameters of
   f and to its inputs (the injection). Nothing is stored on any module, so models stay deep-copyable and
   DDP-friendly, and the saved tensors are those of one application of f, whatever the solver depth.
 * ``phantom``: k damped unrolled steps h <- tau f(h) + (1 - tau) h from z* with ordinary autograd
@@ -39,9 +40,12 @@ class _ImplicitGrad(torch.autograd.Function):
         fz, z = ctx.saved_tensors
 
         def vjp_plus_grad(u):
-            return torch.autograd.grad(fz, z, u, retain_graph=True)[0] + grad
+            return torch.autograd.grad(fz, z, u, retain_graph=True, materialize_grads=True)[0] + grad
 
         u, bstats = ctx.solve(vjp_plus_grad, grad)
+        if bool(bstats.diverged.any()):
+            # no bounded solution (J has an eigenvalue >= 1 there): use the one-step gradient for those samples
+            u = torch.where(bstats.diverged.view(-1, 1), grad, u)
         if ctx.stats is not None:
             ctx.stats.backward = bstats
         return u, None, None, None

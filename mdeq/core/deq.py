@@ -4,8 +4,10 @@
     z_star, stats = deq(lambda z: cell(z, x), z0)
 
 * The state ``z0`` is a tensor (B, ...) or a list of tensors (one per resolution); the solve runs on the
-  packed (B, D) matrix, in float32 (float64 when z0 is float64) with autocast switched off, so z* is an
-  accurate fixed point; the differentiable application that follows runs under the caller's autocast.
+  packed (B, D) matrix in float32 (float64 when z0 is float64) with autocast switched off, so z* is an
+  accurate fixed point (f then sees the float32 state); the differentiable application that follows runs under
+  the caller's autocast. Outside autocast f sees the state in z0's dtype (float16/bfloat16 models work). The
+  result comes back in z0's dtype.
 * With grad disabled (inference) the result is the solver's lowest-residual iterate z*. With grad enabled the
   result is differentiable in the parameters of f and in anything f closes over (the injection):
     - ``backward="ift"``: one extra application f(z*) carrying the implicit gradient, whose backward solves
@@ -23,6 +25,7 @@ Every option is validated; an unknown one is an error. ``configure(**changes)`` 
 from __future__ import annotations
 
 import contextlib
+import numbers
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
@@ -30,7 +33,7 @@ from torch import nn
 
 from . import backward as _bw
 from .regularizers import jacobian_reg
-from .solvers import STOP_MODES, SolverStats, get_solver, list_solvers, solver_options
+from .solvers import SolverStats, check_options, get_solver, list_solvers, solver_options
 from .state import State, StatePacker
 
 __all__ = ["DEQ", "BACKWARDS"]
@@ -57,7 +60,7 @@ _DEFAULTS: Dict[str, Any] = dict(
 
 
 def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
@@ -73,6 +76,10 @@ def _check_solver_options(solver: str, options: Optional[dict], which: str) -> d
         raise ValueError(
             f"{which}: unknown option(s) {sorted(unknown)} for solver {solver!r}; it takes {sorted(allowed)}"
         )
+    try:
+        check_options(**options)
+    except ValueError as err:
+        raise ValueError(f"{which}: {err}") from None
     return options
 
 
@@ -96,23 +103,22 @@ class DEQ(nn.Module):
             raise ValueError(f"unknown solver {new['solver']!r}; choose one of {solvers + [UNROLL]}")
         if new["b_solver"] not in solvers:
             raise ValueError(f"unknown b_solver {new['b_solver']!r}; choose one of {solvers}")
-        _check_positive_int("max_iter", new["max_iter"])
-        for key in ("tol", "b_tol"):
-            if new[key] is not None and not (isinstance(new[key], (int, float)) and new[key] >= 0):
-                raise ValueError(f"{key} must be a number >= 0, got {new[key]!r}")
-        for key in ("stop_mode", "b_stop_mode"):
-            if new[key] is not None and new[key] not in STOP_MODES:
-                raise ValueError(f"{key} must be one of {STOP_MODES}, got {new[key]!r}")
-        if new["b_max_iter"] is not None:
-            _check_positive_int("b_max_iter", new["b_max_iter"])
+        check_options(max_iter=new["max_iter"], tol=new["tol"], stop_mode=new["stop_mode"], trace=new["trace"])
+        for key, check_as in (("b_max_iter", "max_iter"), ("b_tol", "tol"), ("b_stop_mode", "stop_mode")):
+            if new[key] is not None:
+                try:
+                    check_options(**{check_as: new[key]})
+                except ValueError as err:
+                    raise ValueError(str(err).replace(check_as, key, 1)) from None
         if new["backward"] not in BACKWARDS:
             raise ValueError(f"unknown backward {new['backward']!r}; choose one of {BACKWARDS}")
         _check_positive_int("phantom_steps", new["phantom_steps"])
-        if not (isinstance(new["phantom_damping"], (int, float)) and 0 < new["phantom_damping"] <= 1):
+        if isinstance(new["phantom_damping"], bool) or not (
+            isinstance(new["phantom_damping"], numbers.Real) and 0 < new["phantom_damping"] <= 1
+        ):
             raise ValueError(f"phantom_damping must be in (0, 1], got {new['phantom_damping']!r}")
         new["solver_options"] = _check_solver_options(new["solver"], new["solver_options"], "solver_options")
         new["b_solver_options"] = _check_solver_options(new["b_solver"], new["b_solver_options"], "b_solver_options")
-        new["trace"] = bool(new["trace"])
         self._options = new
         return self
 
@@ -130,6 +136,12 @@ class DEQ(nn.Module):
         if options is not None and name in options:
             return self.options[name]
         return super().__getattr__(name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _DEFAULTS and "_options" in self.__dict__:
+            self.configure(**{name: value})  # validated, and seen by forward
+        else:
+            super().__setattr__(name, value)
 
     def extra_repr(self) -> str:
         o = self.options
@@ -164,15 +176,21 @@ class DEQ(nn.Module):
 
         packer = StatePacker(z0)
         x0 = packer.pack(z0)
-        if x0.dtype not in (torch.float32, torch.float64):
-            x0 = x0.float()
         dtype = x0.dtype
+        work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype  # the solver's dtype
+        # f sees the state in z0's dtype (a half model), except under autocast, where the solve runs with
+        # autocast off and so needs the full-precision state (autocast casts it again in the differentiable part)
+        f_dtype = work if _autocast_enabled(x0.device.type) else dtype
+        x0 = x0.to(work)
 
         def f_flat(x: torch.Tensor) -> torch.Tensor:
-            return packer.pack(f(packer.unpack(x))).to(dtype)
+            return packer.pack(f(packer.unpack(x.to(f_dtype)))).to(work)
+
+        def result(z: torch.Tensor) -> State:
+            return packer.unpack(z.to(dtype))
 
         if x0.device.type == "meta":  # shape inference only (timm builds models on the meta device)
-            return packer.unpack(f_flat(x0)), _meta_stats(o["solver"], x0)
+            return result(f_flat(x0)), _meta_stats(o["solver"], x0)
 
         if o["solver"] == UNROLL:
             z, prev = _bw.unroll(f_flat, x0, o["max_iter"])
@@ -180,7 +198,7 @@ class DEQ(nn.Module):
             if jac_probes:
                 zj = z if z.requires_grad else z.detach().requires_grad_()
                 stats.jac_loss = jacobian_reg(f_flat(zj), zj, jac_probes)
-            return packer.unpack(z), stats
+            return result(z), stats
 
         solver = get_solver(o["solver"])
         with torch.no_grad(), _autocast_off(x0.device.type):
@@ -189,7 +207,7 @@ class DEQ(nn.Module):
                 trace=o["trace"], **o["solver_options"],
             )
         if not grad:
-            return packer.unpack(z_star), stats
+            return result(z_star), stats
 
         if o["backward"] == "ift":
             b_solver = get_solver(o["b_solver"])
@@ -208,7 +226,11 @@ class DEQ(nn.Module):
             out, fz, z = _bw.phantom(f_flat, z_star, 1, 1.0, jac_probes > 0)
         if jac_probes:
             stats.jac_loss = jacobian_reg(fz, z, jac_probes)
-        return packer.unpack(out), stats
+        return result(out), stats
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
 def _autocast_off(device_type: str):

@@ -36,11 +36,16 @@ class VariationalDropout(nn.Module):
             return x
         shape = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
         mask = self.mask
-        if mask is None or mask.shape != shape or mask.device != x.device or mask.dtype != x.dtype:
+        if mask is None or mask.device != x.device:
             keep = 1.0 - self.p
-            mask = torch.empty(shape, device=x.device, dtype=x.dtype).bernoulli_(keep).div_(keep)
+            mask = torch.empty(shape, device=x.device, dtype=torch.float32).bernoulli_(keep).div_(keep)
             self.mask = mask
-        return x * mask
+        elif mask.shape != shape:
+            raise ValueError(
+                f"VariationalDropout got an input of shape {tuple(x.shape)} but holds a mask for {tuple(mask.shape)}; "
+                "one module serves one state tensor: call reset_dropout(model) (or use forward_scope) per forward"
+            )
+        return x * mask.to(x.dtype)  # the same mask under autocast (values are 0 or 1/(1-p))
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

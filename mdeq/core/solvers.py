@@ -12,14 +12,19 @@ Every solver is a function ``solver(f, z0, *, max_iter, tol, stop_mode, trace, *
   sample is frozen: its result is never updated again, so it does not depend on the other samples in the batch.
   The loop ends when every sample has stopped or after ``max_iter`` evaluations of f.
 * The returned state is, per sample, the iterate with the lowest residual seen before it stopped (z0 included),
-  so it is always finite when z0 is. ``SolverStats`` says how it was reached.
+  so it is always finite when z0 is. A *diverged* sample returns its iterate with the lowest absolute residual
+  instead: while an iteration blows up its relative residual can keep shrinking, which would otherwise select
+  the largest iterate. ``SolverStats`` says how the result was reached.
+* The solver state is float32 when z0 is float16/bfloat16 (float64 stays float64); f is called in z0's dtype
+  and the result is returned in it.
 
-The solvers never build an autograd graph of their own; call them under ``torch.no_grad()`` (``DEQ`` does).
+Solvers run under ``torch.no_grad()``: gradients through a fixed point are ``DEQ``'s job.
 """
 from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
@@ -36,6 +41,7 @@ __all__ = [
     "get_solver",
     "list_solvers",
     "solver_options",
+    "check_options",
 ]
 
 STOP_MODES = ("abs", "rel")
@@ -94,6 +100,27 @@ def _finite_mean(t: torch.Tensor) -> float:
     return t[finite].mean().item() if bool(finite.any()) else math.inf
 
 
+class _Best:
+    """A per-sample best iterate, kept by reference while every sample improves at once (no copy)."""
+
+    def __init__(self, x0: torch.Tensor):
+        self.x0 = x0
+        self.ref = x0  # aliases the caller's z0 until the first partial update
+        self.owned = False
+
+    def update(self, x: torch.Tensor, improved: List[bool]) -> None:
+        if all(improved):
+            self.ref, self.owned = x, False
+        elif any(improved):
+            if not self.owned:
+                self.ref, self.owned = self.ref.clone(), True
+            mask = torch.tensor(improved, device=x.device)[:, None]
+            torch.where(mask, x, self.ref, out=self.ref)
+
+    def result(self) -> torch.Tensor:
+        return self.ref.clone() if self.ref is self.x0 else self.ref
+
+
 class _Progress:
     """Per-sample bookkeeping shared by the solvers: residuals, best iterate, stopping, trace.
 
@@ -104,19 +131,20 @@ class _Progress:
     def __init__(self, x0: torch.Tensor, tol: float, stop_mode: str, trace: bool, divergence_factor: float):
         b = x0.shape[0]
         self.x0 = x0
-        self.best = x0  # aliases z0 until the first partial update (see observe)
-        self._best_owned = False
-        self.best_abs = [math.inf] * b
-        self.best_rel = [math.inf] * b
-        self.nstep = [0] * b
-        self.converged = [False] * b
-        self.diverged = [False] * b
-        self.first_abs: Optional[List[float]] = None
         self.tol = tol
         self.use_rel = stop_mode == "rel"
         self.divergence_factor = divergence_factor
         self.trace: Optional[List[List[float]]] = [] if trace else None
         self.nfe = 0
+        self.converged = [False] * b
+        self.diverged = [False] * b
+        self.first_abs: Optional[List[float]] = None
+        # best by the stop-mode residual: [abs, rel, nstep] per sample
+        self.best = _Best(x0)
+        self.best_vals = [[math.inf, math.inf, 0] for _ in range(b)]
+        # in rel mode, also the best by abs residual: what a diverged sample returns
+        self.fallback = _Best(x0) if self.use_rel else None
+        self.fallback_vals = [[math.inf, math.inf, 0] for _ in range(b)]
 
     def observe(self, x: torch.Tensor, fx: torch.Tensor, g: torch.Tensor, abs_res: Optional[torch.Tensor] = None
                 ) -> bool:
@@ -124,9 +152,8 @@ class _Progress:
 
         ``abs_res`` (the per-sample ||g||) may be passed when the solver has it already.
 
-        Contract: the caller never modifies ``x`` in place afterwards. When every active sample improved (the
-        usual case) the best iterate is kept by reference instead of copied, which keeps the loop's overhead
-        to a few passes over the state.
+        Contract: the caller never modifies ``x`` in place afterwards, so the best iterate can be kept by
+        reference; the loop's overhead stays at a few passes over the state.
         """
         self.nfe += 1
         if abs_res is None:
@@ -135,7 +162,7 @@ class _Progress:
         if self.first_abs is None:
             self.first_abs = norms[0]
         trace_row = [] if self.trace is not None else None
-        improved = []
+        improved, improved_abs = [], []
         for i, (a, fn) in enumerate(zip(*norms)):
             r = a / (fn + _NORM_EPS)
             res = r if self.use_rel else a
@@ -143,38 +170,48 @@ class _Progress:
                 trace_row.append(res)
             if self.converged[i] or self.diverged[i]:
                 improved.append(False)
+                improved_abs.append(False)
                 continue
-            better = res < (self.best_rel[i] if self.use_rel else self.best_abs[i])  # NaN never wins
+            better = res < self.best_vals[i][1 if self.use_rel else 0]  # NaN never wins
             if better:
-                self.best_abs[i], self.best_rel[i], self.nstep[i] = a, r, self.nfe
+                self.best_vals[i] = [a, r, self.nfe]
             improved.append(better)
-            if not math.isfinite(res) or a > self.divergence_factor * self.first_abs[i]:
+            better_abs = a < self.fallback_vals[i][0]
+            if better_abs:
+                self.fallback_vals[i] = [a, r, self.nfe]
+            improved_abs.append(better_abs)
+            if not math.isfinite(res) or not a <= self.divergence_factor * self.first_abs[i]:
                 self.diverged[i] = True
             elif res <= self.tol:
                 self.converged[i] = True
         if trace_row is not None:
             self.trace.append(trace_row)
-        if all(improved):
-            self.best, self._best_owned = x, False
-        elif any(improved):
-            if not self._best_owned:
-                self.best, self._best_owned = self.best.clone(), True
-            mask = torch.tensor(improved, device=x.device)[:, None]
-            torch.where(mask, x, self.best, out=self.best)
+        self.best.update(x, improved)
+        if self.fallback is not None:
+            self.fallback.update(x, improved_abs)
         return all(c or d for c, d in zip(self.converged, self.diverged))
 
+    def _use_fallback(self) -> List[bool]:
+        return [d and self.fallback is not None for d in self.diverged]
+
     def result(self) -> torch.Tensor:
-        """The per-sample best iterate, never an alias of the caller's z0."""
-        return self.best.clone() if self.best is self.x0 else self.best
+        """The per-sample result (never an alias of the caller's z0)."""
+        z = self.best.result()
+        use = self._use_fallback()
+        if any(use):
+            mask = torch.tensor(use, device=z.device)[:, None]
+            z = torch.where(mask, self.fallback.ref, z)
+        return z
 
     def stats(self, solver: str) -> SolverStats:
         dev, dtype = self.x0.device, self.x0.dtype
+        vals = [fb if use else b for b, fb, use in zip(self.best_vals, self.fallback_vals, self._use_fallback())]
         trace = torch.tensor(self.trace, dtype=dtype, device=dev).T.contiguous() if self.trace else None
         return SolverStats(
             solver=solver,
-            nstep=torch.tensor(self.nstep, dtype=torch.long, device=dev),
-            abs_residual=torch.tensor(self.best_abs, dtype=dtype, device=dev),
-            rel_residual=torch.tensor(self.best_rel, dtype=dtype, device=dev),
+            nstep=torch.tensor([v[2] for v in vals], dtype=torch.long, device=dev),
+            abs_residual=torch.tensor([v[0] for v in vals], dtype=dtype, device=dev),
+            rel_residual=torch.tensor([v[1] for v in vals], dtype=dtype, device=dev),
             converged=torch.tensor(self.converged, dtype=torch.bool, device=dev),
             diverged=torch.tensor(self.diverged, dtype=torch.bool, device=dev),
             nfe=self.nfe,
@@ -182,30 +219,74 @@ class _Progress:
         )
 
 
-def _check_common(max_iter: int, tol: float, stop_mode: str, divergence_factor: float) -> None:
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
-    if not isinstance(tol, (int, float)) or not tol >= 0:
-        raise ValueError(f"tol must be a number >= 0, got {tol!r}")
-    if stop_mode not in STOP_MODES:
-        raise ValueError(f"stop_mode must be one of {STOP_MODES}, got {stop_mode!r}")
-    if not divergence_factor > 1:
-        raise ValueError(f"divergence_factor must be > 1, got {divergence_factor!r}")
+def _positive_int(name: str, v) -> None:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+        raise ValueError(f"{name} must be a positive integer, got {v!r}")
+
+
+def _nonnegative(name: str, v) -> None:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 <= v < math.inf:
+        raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+
+
+def _unit_interval(name: str, v) -> None:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 < v <= 1:
+        raise ValueError(f"{name} must be in (0, 1], got {v!r}")
+
+
+def _above_one(name: str, v) -> None:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not v > 1:
+        raise ValueError(f"{name} must be a number > 1, got {v!r}")
+
+
+def _stop_mode(name: str, v) -> None:
+    if v not in STOP_MODES:
+        raise ValueError(f"{name} must be one of {STOP_MODES}, got {v!r}")
+
+
+def _flag(name: str, v) -> None:
+    if not isinstance(v, bool):
+        raise ValueError(f"{name} must be True or False, got {v!r}")
+
+
+_OPTION_CHECKS = {
+    "max_iter": _positive_int,
+    "tol": _nonnegative,
+    "stop_mode": _stop_mode,
+    "trace": _flag,
+    "divergence_factor": _above_one,
+    "damping": _unit_interval,
+    "m": _positive_int,
+    "lam": _nonnegative,
+    "memory": _positive_int,
+}
+
+
+def check_options(**options) -> None:
+    """Validate solver option values by name (raises ValueError saying what is expected)."""
+    for name, value in options.items():
+        check = _OPTION_CHECKS.get(name)
+        if check is None:
+            raise ValueError(f"no validation rule for solver option {name!r}; add one to _OPTION_CHECKS")
+        check(name, value)
 
 
 def _flat(f: Callable[[State], State], z0: State):
-    """Flatten (f, z0) to a function on (B, D) matrices; return it, x0 and the packer."""
+    """Flatten (f, z0) to a function on (B, D) matrices in the working dtype.
+
+    Returns (f_flat, x0, packer, dtype): the working dtype is float32 for float16/bfloat16 states, f still sees
+    the state in ``dtype`` (z0's), and results go back to ``dtype``.
+    """
     packer = StatePacker(z0)
     x0 = packer.pack(z0)
     dtype = x0.dtype
+    work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    x0 = x0.to(work)
 
-    if packer.is_list or not isinstance(z0, torch.Tensor) or z0.dim() != 2:
-        def f_flat(x: torch.Tensor) -> torch.Tensor:
-            return packer.pack(f(packer.unpack(x))).to(dtype)
-    else:  # already a (B, D) matrix: no packing needed
-        def f_flat(x: torch.Tensor) -> torch.Tensor:
-            return packer.pack(f(x)).to(dtype)
-    return f_flat, x0, packer
+    def f_flat(x: torch.Tensor) -> torch.Tensor:
+        return packer.pack(f(packer.unpack(x.to(dtype)))).to(work)
+
+    return f_flat, x0, packer, dtype
 
 
 _REGISTRY: Dict[str, Callable] = {}
@@ -244,6 +325,7 @@ def solver_options(name: str) -> Dict[str, object]:
 
 
 @register_solver("fixed_point")
+@torch.no_grad()
 def fixed_point(
     f: Callable[[State], State],
     z0: State,
@@ -260,10 +342,9 @@ def fixed_point(
     Stops per sample as described in the module docstring. Returns (z, SolverStats) with z the per-sample
     lowest-residual iterate, in the structure of ``z0``.
     """
-    _check_common(max_iter, tol, stop_mode, divergence_factor)
-    if not 0 < damping <= 1:
-        raise ValueError(f"damping must be in (0, 1], got {damping!r}")
-    f_flat, x, packer = _flat(f, z0)
+    check_options(max_iter=max_iter, tol=tol, stop_mode=stop_mode, trace=trace,
+                  divergence_factor=divergence_factor, damping=damping)
+    f_flat, x, packer, dtype = _flat(f, z0)
     progress = _Progress(x, tol, stop_mode, trace, divergence_factor)
     for _ in range(max_iter):
         fx = f_flat(x)
@@ -271,10 +352,11 @@ def fixed_point(
         if progress.observe(x, fx, g):
             break
         x = fx if damping == 1 else torch.add(x, g, alpha=damping)
-    return packer.unpack(progress.result()), progress.stats("fixed_point")
+    return packer.unpack(progress.result().to(dtype)), progress.stats("fixed_point")
 
 
 @register_solver("anderson")
+@torch.no_grad()
 def anderson(
     f: Callable[[State], State],
     z0: State,
@@ -299,14 +381,9 @@ def anderson(
     The Gram matrix is updated incrementally (one new row per step) and the n x n systems are solved in float64.
     Stops per sample as described in the module docstring; returns (z, SolverStats).
     """
-    _check_common(max_iter, tol, stop_mode, divergence_factor)
-    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-        raise ValueError(f"m (history size) must be a positive integer, got {m!r}")
-    if not lam >= 0:
-        raise ValueError(f"lam must be >= 0, got {lam!r}")
-    if not 0 < damping <= 1:
-        raise ValueError(f"damping must be in (0, 1], got {damping!r}")
-    f_flat, x, packer = _flat(f, z0)
+    check_options(max_iter=max_iter, tol=tol, stop_mode=stop_mode, trace=trace,
+                  divergence_factor=divergence_factor, m=m, lam=lam, damping=damping)
+    f_flat, x, packer, dtype = _flat(f, z0)
     b, d = x.shape
     progress = _Progress(x, tol, stop_mode, trace, divergence_factor)
     F = x.new_empty(b, m, d)  # f(x_i)
@@ -342,10 +419,11 @@ def anderson(
         x = torch.bmm(alpha, F[:, :n]).squeeze(1)
         if damping != 1:
             x.sub_(torch.bmm(alpha, G[:, :n]).squeeze(1), alpha=1 - damping)
-    return packer.unpack(progress.result()), progress.stats("anderson")
+    return packer.unpack(progress.result().to(dtype)), progress.stats("anderson")
 
 
 @register_solver("broyden")
+@torch.no_grad()
 def broyden(
     f: Callable[[State], State],
     z0: State,
@@ -366,10 +444,9 @@ def broyden(
     An update whose denominator vanishes or is not finite is skipped for that sample. No line search.
     Stops per sample as described in the module docstring; returns (z, SolverStats).
     """
-    _check_common(max_iter, tol, stop_mode, divergence_factor)
-    if isinstance(memory, bool) or not isinstance(memory, int) or memory < 1:
-        raise ValueError(f"memory must be a positive integer, got {memory!r}")
-    f_flat, x, packer = _flat(f, z0)
+    check_options(max_iter=max_iter, tol=tol, stop_mode=stop_mode, trace=trace,
+                  divergence_factor=divergence_factor, memory=memory)
+    f_flat, x, packer, dtype = _flat(f, z0)
     b, d = x.shape
     progress = _Progress(x, tol, stop_mode, trace, divergence_factor)
     U = x.new_zeros(b, memory, d)
@@ -412,4 +489,4 @@ def broyden(
             V[:, n] = v
             n += 1
             dx = -h_times(g)
-    return packer.unpack(progress.result()), progress.stats("broyden")
+    return packer.unpack(progress.result().to(dtype)), progress.stats("broyden")

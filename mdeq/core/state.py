@@ -38,6 +38,11 @@ class StatePacker:
                 raise ValueError(f"state tensor {i} is a scalar; expected shape (B, ...) with a batch dimension")
             if not t.is_floating_point():
                 raise TypeError(f"state tensor {i} has dtype {t.dtype}; a DEQ state must be floating point")
+        if len({(t.dtype, t.device) for t in tensors}) != 1:
+            raise ValueError(
+                "all tensors of a list state must share dtype and device, got "
+                f"{[(str(t.dtype), str(t.device)) for t in tensors]}"
+            )
         batch_sizes = {t.shape[0] for t in tensors}
         if len(batch_sizes) != 1:
             raise ValueError(

@@ -294,12 +294,46 @@ def test_solve_runs_in_float32_under_autocast():
     x = torch.randn(3, 5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         with torch.no_grad():
-            z, stats = DEQ(max_iter=60, tol=1e-6)(lambda z: cell(z, x), torch.zeros(3, 8, dtype=torch.bfloat16))
+            z, stats = DEQ(max_iter=60, tol=1e-6)(lambda z: cell(z, x), torch.zeros(3, 8))
         z_train, _ = DEQ(max_iter=60, tol=1e-6)(lambda z: cell(z, x), torch.zeros(3, 8))
     assert z.dtype == torch.float32 and stats.abs_residual.dtype == torch.float32
     assert stats.converged.all()  # a bfloat16 solve stalls near 1e-3
     assert z_train.dtype == torch.float32  # packed state; the graph of f(z*) ran in bfloat16
     torch.testing.assert_close(z_train, z, atol=2e-2, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_model_keeps_its_dtype_and_solves_in_float32(dtype):
+    cell = TanhCell(dtype=torch.float32).to(dtype)
+    x = torch.randn(3, 5, dtype=dtype)
+    seen = []
+
+    def f(z):
+        seen.append(z.dtype)
+        return cell(z, x)
+
+    z, stats = DEQ(max_iter=40, tol=1e-2)(f, torch.zeros(3, 8, dtype=dtype))
+    assert z.dtype == dtype and set(seen) == {dtype}
+    assert stats.abs_residual.dtype == torch.float32 and stats.converged.all()
+    z.float().sum().backward()
+    assert cell.W.grad.dtype == dtype and torch.isfinite(cell.W.grad).all()
+
+
+def test_options_set_as_attributes_are_validated_and_used(problem):
+    cell, x, _ = problem
+    deq = DEQ(solver="fixed_point", max_iter=50, tol=0.0)
+    deq.max_iter = 3
+    with torch.no_grad():
+        _, stats = deq(lambda z: cell(z, x), torch.zeros(3, 8, dtype=torch.float64))
+    assert stats.nfe == 3
+    with pytest.raises(ValueError, match="max_iter"):
+        deq.max_iter = 0
+    with pytest.raises(ValueError, match="solver_options: m must be a positive integer"):
+        deq.configure(solver="anderson", solver_options=dict(m=0))
+    with pytest.raises(ValueError, match="b_solver_options: lam"):
+        deq.configure(b_solver_options=dict(lam=-1.0))
+    with pytest.raises(ValueError, match="b_tol"):
+        deq.configure(b_tol=True)
 
 
 def test_a_registered_solver_is_usable_by_name(problem):
@@ -321,3 +355,22 @@ def test_a_registered_solver_is_usable_by_name(problem):
     torch.testing.assert_close(z, cell(z, x), atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="unknown option"):
         DEQ(solver=name, solver_options=dict(damping=0.3))
+
+
+def test_f_that_ignores_the_state_gets_its_plain_gradient():
+    x = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    z, stats = DEQ(max_iter=10)(lambda z: 2.0 * x, torch.zeros(2, 4, dtype=torch.float64))
+    z.sum().backward()
+    torch.testing.assert_close(x.grad, torch.full_like(x, 2.0))
+    assert stats.backward.converged.all()
+
+
+def test_diverging_backward_solve_falls_back_to_the_one_step_gradient():
+    # z = 1.5 z + x has the fixed point -2x (Anderson finds it), but u = 1.5 u + v has no convergent iteration
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    deq = DEQ(solver="anderson", max_iter=20, tol=1e-10, b_solver="fixed_point", b_max_iter=500)
+    z, stats = deq(lambda z: 1.5 * z + x, torch.zeros(3, 4, dtype=torch.float64))
+    torch.testing.assert_close(z, -2 * x, atol=1e-8, rtol=0)
+    z.sum().backward()
+    assert stats.backward.diverged.all()
+    torch.testing.assert_close(x.grad, torch.ones_like(x))  # u = v = 1, then df/dx = 1

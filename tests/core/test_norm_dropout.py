@@ -149,3 +149,20 @@ def test_dropout_is_identity_in_eval_and_mask_follows_the_input_device():
     assert drop.mask.device == x.device and y.shape == x.shape
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         VariationalDropout(1.0)
+
+
+def test_dropout_mask_is_the_same_for_the_float32_solve_and_the_autocast_application():
+    net = Net(dropout=0.5, solver="fixed_point", tol=0.0, max_iter=4)
+    masks = []
+    net.cell.drop.register_forward_hook(lambda m, i, o: masks.append((m.mask, i[0].dtype, torch.equal(o, i[0] * m.mask.to(i[0].dtype)))))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        net(torch.randn(2, 3, 8, 8)).float().sum().backward()
+    assert {dtype for _, dtype, _ in masks} == {torch.float32, torch.bfloat16}
+    assert all(m is masks[0][0] for m, _, _ in masks) and all(ok for _, _, ok in masks)
+
+
+def test_dropout_refuses_a_state_of_another_shape_within_one_forward():
+    drop = VariationalDropout(0.2)
+    drop(torch.randn(2, 3, 4, 4))
+    with pytest.raises(ValueError, match="reset_dropout"):
+        drop(torch.randn(2, 5, 4, 4))

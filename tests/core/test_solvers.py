@@ -176,3 +176,42 @@ def test_summary_is_plain_floats():
     assert s["converged"] == 1.0 and s["diverged"] == 0.0
     assert math.isclose(s["nstep"], stats.nstep.float().mean().item())
     assert all(isinstance(v, float) for v in s.values())
+
+
+def test_diverged_sample_in_rel_mode_returns_its_lowest_abs_residual_iterate():
+    # the relative residual of 3z + 1 keeps shrinking while the iterates blow up
+    z, stats = fixed_point(lambda z: 3.0 * z + 1.0, torch.zeros(2, 5, dtype=torch.float64), max_iter=200,
+                           tol=1e-8, stop_mode="rel")
+    assert stats.diverged.all()
+    assert torch.equal(z, torch.zeros_like(z))  # z0 has the lowest abs residual (1 per entry)
+    assert stats.nstep.tolist() == [1, 1]
+    torch.testing.assert_close(stats.abs_residual, torch.full((2,), 5**0.5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_half_precision_state_is_solved_in_float32_and_returned_in_half(name):
+    seen = []
+
+    def f(z):
+        seen.append(z.dtype)
+        return 0.5 * z + 30.0  # ||g|| is large: its square overflows float16
+
+    z, stats = get_solver(name)(f, torch.zeros(2, 100, dtype=torch.float16), max_iter=100, tol=1e-3)
+    assert z.dtype == torch.float16 and set(seen) == {torch.float16}
+    assert stats.converged.all() and not stats.diverged.any()
+    torch.testing.assert_close(z, torch.full_like(z, 60.0), atol=0.2, rtol=0)  # rel tol 1e-3
+
+
+def test_anderson_damping_and_broyden_restart_still_converge():
+    f, b, exact = linear_problem(80, 0.95)
+    z, stats = anderson(f, torch.zeros_like(b), max_iter=500, tol=1e-9, damping=0.5, m=4)
+    assert stats.converged.all()
+    torch.testing.assert_close(z, exact, atol=1e-6, rtol=0)
+    z, stats = broyden(f, torch.zeros_like(b), max_iter=500, tol=1e-9, memory=3)  # restarts every 3 updates
+    assert stats.converged.all() and stats.nfe > 4
+    torch.testing.assert_close(z, exact, atol=1e-6, rtol=0)
+
+
+def test_list_state_must_share_dtype():
+    with pytest.raises(ValueError, match="dtype and device"):
+        fixed_point(lambda z: z, [torch.zeros(1, 2), torch.zeros(1, 2, dtype=torch.float64)])
