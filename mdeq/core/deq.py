@@ -213,11 +213,8 @@ class DEQ(nn.Module):
             b_solver = get_solver(o["b_solver"])
 
             def solve_backward(vjp, v):
-                with torch.no_grad():
-                    return b_solver(
-                        vjp, v, max_iter=o["b_max_iter"], tol=o["b_tol"], stop_mode=o["b_stop_mode"],
-                        **o["b_solver_options"],
-                    )
+                return b_solver(vjp, v, max_iter=o["b_max_iter"], tol=o["b_tol"], stop_mode=o["b_stop_mode"],
+                                **o["b_solver_options"])
 
             out, fz, z = _bw.implicit(f_flat, z_star, solve_backward, stats)
         elif o["backward"] == "phantom":
