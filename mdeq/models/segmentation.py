@@ -1,0 +1,74 @@
+"""MDEQ for semantic segmentation: the MDEQ backbone with the HRNetV2-style head of the original.
+
+All branch equilibria are upsampled (bilinear, align_corners=True) to the highest resolution and
+concatenated; ``last_layer`` = conv1x1 -> BN -> ReLU -> conv1x1 to the classes. Like the original and HRNet,
+``forward`` returns logits at 1/4 of the input resolution (1/2^downsample_times); ``predict`` returns them
+upsampled to the input size.
+"""
+from __future__ import annotations
+
+from typing import Any, List
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import SEG_PRESETS, config_field_names, resolve_config
+from .mdeq import MDEQBackbone
+
+__all__ = ["MDEQSegNet", "create_segmentation_model", "list_segmentation_models"]
+
+
+class MDEQSegNet(MDEQBackbone):
+    def __init__(self, cfg, num_classes: int = 19, in_chans: int = 3, final_conv_kernel: int = 1, device=None,
+                 dtype=None):
+        super().__init__(cfg, in_chans=in_chans, bn_momentum=0.01, device=device, dtype=dtype)
+        dd = dict(device=device, dtype=dtype)
+        if final_conv_kernel not in (1, 3):
+            raise ValueError(f"final_conv_kernel must be 1 or 3, got {final_conv_kernel}")
+        self.num_classes = num_classes
+        width = sum(cfg.num_channels)
+        self.last_layer = nn.Sequential(
+            nn.Conv2d(width, width, 1, bias=True, **dd),
+            nn.BatchNorm2d(width, momentum=0.01, **dd),
+            nn.ReLU(),
+            nn.Conv2d(width, num_classes, final_conv_kernel, padding=final_conv_kernel // 2, bias=True, **dd),
+        )
+        self._init_weights()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Branch equilibria upsampled to the highest resolution and concatenated."""
+        zs = self.forward_equilibrium(x)
+        size = zs[0].shape[-2:]
+        ups = [F.interpolate(z, size=size, mode="bilinear", align_corners=True) for z in zs[1:]]
+        return torch.cat([zs[0]] + ups, dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits at 1/2^downsample_times of the input resolution."""
+        return self.last_layer(self.forward_features(x))
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits upsampled (bilinear) to the input size, as the original's test-time inference."""
+        return F.interpolate(self(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def list_segmentation_models() -> List[str]:
+    return sorted(SEG_PRESETS)
+
+
+def create_segmentation_model(name: str, num_classes: int = 19, pretrained: bool = False, **overrides: Any
+                              ) -> MDEQSegNet:
+    """An MDEQ segmentation model from a preset (``mdeq_small``, ``mdeq_large``, ``mdeq_xl``).
+
+    Any ``MDEQConfig`` field can be overridden; ``in_chans``, ``device``, ``dtype``, ``final_conv_kernel`` are
+    passed to the model. Pretrained segmentation weights come from the zoo (not bundled yet).
+    """
+    if name not in SEG_PRESETS:
+        raise ValueError(f"unknown segmentation model {name!r}; available: {list_segmentation_models()}")
+    if pretrained:
+        raise ValueError("no pretrained segmentation weights are published in this version; load a converted "
+                         "checkpoint with model.load_state_dict(...) (tools/convert_official.py)")
+    fields = config_field_names()
+    cfg = resolve_config(SEG_PRESETS[name], {k: overrides.pop(k) for k in list(overrides) if k in fields})
+    return MDEQSegNet(cfg, num_classes=num_classes, **overrides)

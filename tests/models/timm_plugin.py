@@ -1,0 +1,32 @@
+"""pytest plugin: run timm's own tests/test_models.py against the mdeq_* models only.
+
+Loaded with ``-p tests.models.timm_plugin`` before the test module is imported: it registers the models
+(import mdeq) and narrows timm's model listings, which the test file uses at import time to parametrize.
+"""
+import fnmatch
+
+import timm
+import timm.models
+import timm.models._registry as registry
+
+import mdeq  # noqa: F401  (registers mdeq_*)
+
+_list_models = registry.list_models
+
+
+def _mdeq_only(filter="", module="", pretrained=False, exclude_filters="", name_matches_cfg=False,
+               include_tags=None):
+    if pretrained:
+        return []  # nothing is downloadable offline
+    names = _list_models("mdeq*", exclude_filters=exclude_filters, name_matches_cfg=name_matches_cfg,
+                         include_tags=include_tags)
+    filters = [filter] if isinstance(filter, str) else list(filter)
+    filters = [f for f in filters if f]
+    if filters:  # model-specific tests name other architectures: keep only mdeq matches
+        names = [n for n in names if any(fnmatch.fnmatch(n, f) for f in filters)]
+    return names
+
+
+for target in (timm, timm.models, registry):
+    target.list_models = _mdeq_only
+    target.list_pretrained = lambda *a, **k: []
