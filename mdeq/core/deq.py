@@ -93,11 +93,17 @@ class DEQ(nn.Module):
 
     # ------------------------------------------------------------------ options
     def configure(self, **changes: Any) -> "DEQ":
-        """Change solver settings (validated as a whole; nothing changes if any value is invalid)."""
+        """Change solver settings (validated as a whole; nothing changes if any value is invalid).
+
+        Switching ``solver`` (``b_solver``) without giving ``solver_options`` (``b_solver_options``) resets them.
+        """
         unknown = set(changes) - set(_DEFAULTS)
         if unknown:
             raise TypeError(f"unknown DEQ option(s) {sorted(unknown)}; valid options are {sorted(_DEFAULTS)}")
         new = {**self._options, **changes}
+        for key, opts in (("solver", "solver_options"), ("b_solver", "b_solver_options")):
+            if key in changes and opts not in changes and changes[key] != self._options.get(key):
+                new[opts] = None  # options of the previous solver do not carry over to another one
         solvers = list_solvers()
         if new["solver"] not in solvers + [UNROLL]:
             raise ValueError(f"unknown solver {new['solver']!r}; choose one of {solvers + [UNROLL]}")
