@@ -1,8 +1,10 @@
 #!/usr/bin/env python
-"""Benchmarks of mdeq-zoo. Usage: python tools/benchmark.py solvers [--quick] [--out DIR]
+"""Benchmarks of mdeq-zoo. Usage: python tools/benchmark.py {solvers,models} [options] [--out DIR]
 
 solvers   f-evaluations, wall time and solver-overhead ratio of every solver on a fixed suite
           (see mdeq/benchmarks/solvers.py for the problems and the timing method)
+models    eval forward time, f-evaluations and residual of mdeq_tiny / mdeq_small per solver
+          (see mdeq/benchmarks/models.py)
 """
 import argparse
 import sys
@@ -10,6 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from mdeq.benchmarks import models as model_bench  # noqa: E402
 from mdeq.benchmarks import solvers as solver_bench  # noqa: E402
 
 
@@ -22,6 +25,16 @@ def main(argv=None) -> int:
     p.add_argument("--tol", type=float, default=1e-4, help="relative residual to reach (default 1e-4)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--out", type=Path, default=Path("results/benchmarks"), help="where to write JSON + Markdown")
+    m = sub.add_parser("models", help="forward time and solver steps of mdeq_tiny / mdeq_small")
+    m.add_argument("--model", action="append", metavar="NAME:SIZE",
+                   help="model and input size, e.g. mdeq_small:224 (repeatable; default mdeq_tiny:32 mdeq_small:224)")
+    m.add_argument("--batch", type=int, default=8)
+    m.add_argument("--repeats", type=int, default=3)
+    m.add_argument("--tol", type=float, default=1e-3, help="relative residual to reach (default 1e-3)")
+    m.add_argument("--max-iter", type=int, default=30, help="solver budget (default 30)")
+    m.add_argument("--checkpoint", type=Path, help="weights for the (single) --model (safetensors or official .pth)")
+    m.add_argument("--threads", type=int, default=None)
+    m.add_argument("--out", type=Path, default=Path("results/benchmarks"))
     args = parser.parse_args(argv)
 
     if args.command == "solvers":
@@ -31,6 +44,21 @@ def main(argv=None) -> int:
         paths = solver_bench.save(result, args.out)
         print()
         print(solver_bench.to_markdown(result))
+        print(f"wrote {paths['json']} and {paths['markdown']}")
+    elif args.command == "models":
+        models = model_bench.DEFAULT_MODELS
+        if args.model:
+            try:
+                models = [(spec.split(":")[0], int(spec.split(":")[1])) for spec in args.model]
+            except (IndexError, ValueError):
+                parser.error(f"--model takes NAME:SIZE (e.g. mdeq_small:224), got {args.model}")
+        if args.checkpoint and len(models) != 1:
+            parser.error("--checkpoint needs exactly one --model")
+        result = model_bench.run(models, batch=args.batch, repeats=args.repeats, tol=args.tol,
+                                 max_iter=args.max_iter, checkpoint=args.checkpoint, threads=args.threads)
+        paths = model_bench.save(result, args.out)
+        print()
+        print(model_bench.to_markdown(result))
         print(f"wrote {paths['json']} and {paths['markdown']}")
     return 0
 

@@ -28,3 +28,14 @@ def test_solver_benchmark_writes_json_and_markdown(tmp_path, capsys):
     table = (tmp_path / "solvers.md").read_text()
     assert "| mdeq_block | anderson |" in table
     assert "wrote" in capsys.readouterr().out
+
+
+def test_model_benchmark_reports_every_solver(tmp_path):
+    tool = _load_tool()
+    assert tool.main(["models", "--model", "mdeq_tiny:32", "--batch", "2", "--repeats", "1", "--max-iter", "4",
+                      "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "models.json").read_text())["rows"]
+    assert [r["solver"] for r in rows] == ["fixed_point", "anderson", "broyden", "unroll"]
+    assert [r["nfe"] for r in rows][:3] == [4, 4, 4] and rows[3]["nfe"] == 10  # unroll: num_layers
+    assert all(r["forward_ms"] > 0 for r in rows)
+    assert "| mdeq_tiny | 32 | unroll |" in (tmp_path / "models.md").read_text()
