@@ -54,6 +54,12 @@ class MDEQStage(MDEQCell):
         self.jac_probes = 0
         self.stats: Optional[SolverStats] = None
 
+    def __getstate__(self):
+        # the last forward's stats may hold autograd graphs (jac_loss): not part of a copy (ModelEmaV3, deepcopy)
+        state = dict(self.__dict__)
+        state["stats"] = None
+        return state
+
     def cell(self, z: List[torch.Tensor], injection: torch.Tensor) -> List[torch.Tensor]:
         return MDEQCell.forward(self, z, injection)
 

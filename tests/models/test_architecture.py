@@ -145,3 +145,21 @@ def test_training_step_reaches_every_parameter_and_weight_norm_is_computed_once(
     assert len(calls) == 3 * model.cfg.num_branches  # conv1, conv2, post-fuse conv: once per forward
     assert not [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert model.deq_stats.backward is not None and model.deq_stats.nfe == 6
+
+
+def test_model_deep_copies_and_works_with_model_ema_after_a_regularised_training_step():
+    import copy
+
+    from timm.utils import ModelEmaV3
+
+    model = timm.create_model("mdeq_tiny", deq=dict(solver="anderson", max_iter=4, solver_options={}))
+    model.jac_probes = 1
+    out = model(torch.randn(2, 3, 32, 32))
+    (out.sum() + model.deq_stats.jac_loss).backward()
+    ema = ModelEmaV3(model, decay=0.9)
+    clone = copy.deepcopy(model)
+    assert clone.deq_stats is None and model.deq_stats is not None
+    ema.update(model)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ema.module.eval()(x), clone.eval()(x))
