@@ -9,7 +9,7 @@ import mdeq
 from mdeq.models import CLS_PRESETS, MDEQConfig, create_segmentation_model, to_official_state_dict
 from tests.models import official_reference as ref
 
-KEYS = Path(__file__).resolve().parents[3] / "shared" / "official_mdeq"
+KEYS = Path(__file__).resolve().parent / "official_keys"  # copies of shared/official_mdeq/keys_*.json
 CLS = {"mdeq_tiny": "cifar_tiny", "mdeq_cifar_large": "cifar_large", "mdeq_small": "imagenet_small",
        "mdeq_large": "imagenet_large", "mdeq_xl": "imagenet_xl"}
 SEG = {"mdeq_small": "cityscapes_small", "mdeq_large": "cityscapes_large", "mdeq_xl": "cityscapes_xl"}

@@ -11,7 +11,7 @@ from mdeq.models import (StateDictMismatch, convert_official_state_dict, create_
                          is_official_state_dict, load_converted, to_official_state_dict)
 
 ROOT = Path(__file__).resolve().parents[2]
-KEYS = ROOT.parent / "shared" / "official_mdeq"
+KEYS = Path(__file__).resolve().parent / "official_keys"
 FILES = {"cifar_tiny": ("mdeq_tiny", "cls"), "cifar_large": ("mdeq_cifar_large", "cls"),
          "imagenet_small": ("mdeq_small", "cls"), "imagenet_large": ("mdeq_large", "cls"),
          "imagenet_xl": ("mdeq_xl", "cls"), "cityscapes_small": ("mdeq_small", "seg"),
