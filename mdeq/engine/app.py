@@ -1,0 +1,59 @@
+"""Glue between the Hydra tools and the engine: resolvers, the run folder under torchrun, logging setup."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from .distributed import DistEnv, broadcast_object, shared_run_stamp
+
+__all__ = ["register_resolvers", "plain_config", "resolve_output_dir", "setup_logging"]
+
+
+def register_resolvers() -> None:
+    """``${mdeq_run_stamp:}``: a timestamp shared by all ranks of a torchrun job (one run folder)."""
+    if not OmegaConf.has_resolver("mdeq_run_stamp"):
+        OmegaConf.register_new_resolver("mdeq_run_stamp", lambda: shared_run_stamp())
+
+
+def plain_config(cfg: DictConfig) -> Dict[str, Any]:
+    """The resolved config as plain containers (safe to store in a ``weights_only`` checkpoint)."""
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
+
+
+def resolve_output_dir(cfg: Dict[str, Any], env: DistEnv) -> Path:
+    """The run's output folder: the resumed run's folder when resuming, else ``output_dir``; rank 0 decides."""
+    out = Path(cfg["output_dir"])
+    resume = cfg.get("train", {}).get("resume")
+    if resume:
+        ckpt = Path(resume)
+        if ckpt.parent.name == "checkpoints":
+            out = ckpt.parent.parent
+    return Path(broadcast_object(str(out.resolve()), env))
+
+
+def setup_logging(env: DistEnv, level: int = logging.INFO) -> None:
+    """INFO from the ``mdeq`` loggers on rank 0, warnings only elsewhere (Hydra has configured the handlers)."""
+    logging.getLogger("mdeq").setLevel(level if env.is_main else logging.WARNING)
+
+
+def run_classification(cfg: DictConfig, require_start_weights: bool = False) -> Dict[str, Any]:
+    """The body of ``train_cls`` / ``finetune``: join torchrun's group, train, return the final metrics."""
+    import mdeq  # noqa: F401  (registers the models)
+
+    from .distributed import init_distributed, shutdown_distributed
+    from .trainer import ClassificationTrainer
+
+    config = plain_config(cfg)
+    model, train = config["model"], config["train"]
+    if require_start_weights and not (model.get("weights") or model.get("pretrained") or train.get("resume")):
+        raise SystemExit("fine-tuning needs starting weights: model.weights=<file> (a checkpoint, safetensors or an "
+                         "official MDEQ .pkl) or model.pretrained=true with model.name=<arch>.<tag>")
+    env = init_distributed(train["device"])
+    try:
+        setup_logging(env)
+        return ClassificationTrainer(config, env, resolve_output_dir(config, env)).fit()
+    finally:
+        shutdown_distributed()

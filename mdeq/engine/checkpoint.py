@@ -1,0 +1,92 @@
+"""Training checkpoints: plain dicts written atomically, loaded with ``weights_only=True``, plus RNG states.
+
+A checkpoint is written to a temporary file in the same folder, flushed to disk, then renamed over the
+target, so a run killed at any moment leaves either the previous checkpoint or the new one, never a torn file.
+"""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import numpy as np
+import torch
+
+__all__ = ["save_atomic", "load_checkpoint", "capture_rng_state", "restore_rng_state", "CheckpointError"]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable, or belongs to a different run setup (the message says which)."""
+
+
+def save_atomic(obj: Any, path: Union[str, Path]) -> Path:
+    """``torch.save`` to ``path`` via a temp file + fsync + ``os.replace`` (atomic on POSIX and Windows)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def load_checkpoint(path: Union[str, Path], map_location: Any = "cpu") -> Dict[str, Any]:
+    """Load a training checkpoint (safe unpickling: tensors, plain containers and numbers only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path} does not hold a checkpoint dict (found {type(ckpt).__name__})")
+    return ckpt
+
+
+def capture_rng_state() -> Dict[str, Any]:
+    """torch (CPU and every CUDA device), Python ``random`` and numpy states, as tensors and plain data."""
+    np_state = np.random.get_state()
+    state: Dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": _to_plain(random.getstate()),
+        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Optional[Dict[str, Any]]) -> None:
+    """Inverse of ``capture_rng_state``."""
+    if not state:
+        return
+    torch.set_rng_state(state["torch"])
+    random.setstate(_from_plain(state["python"]))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_plain(py_state: tuple) -> list:
+    version, internal, gauss = py_state
+    return [version, list(internal), gauss]
+
+
+def _from_plain(plain: list) -> tuple:
+    version, internal, gauss = plain
+    return (version, tuple(internal), gauss)

@@ -1,0 +1,96 @@
+"""Classification evaluation: top-1/top-5, loss, and the solver's convergence, all-reduced over ranks."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from .distributed import DistEnv, all_reduce_sum
+
+__all__ = ["EvalResult", "evaluate_classifier", "sweep_solver_budgets", "autocast_context"]
+
+
+@dataclass
+class EvalResult:
+    """Accuracies in percent; ``deq_*`` are per-image means of the solver's steps and relative residual."""
+
+    top1: float
+    top5: float
+    loss: float
+    count: int
+    deq_nstep_mean: float
+    deq_rel_residual_mean: float
+    deq_abs_residual_mean: float
+
+    def as_dict(self, prefix: str = "") -> Dict[str, float]:
+        return {f"{prefix}{k}": v for k, v in asdict(self).items()}
+
+
+def autocast_context(device: torch.device, amp_dtype: Optional[torch.dtype]):
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=amp_dtype)
+
+
+@torch.no_grad()
+def evaluate_classifier(model: nn.Module, loader: Iterable, env: DistEnv, amp_dtype: Optional[torch.dtype] = None,
+                        channels_last: bool = False, progress: bool = True, desc: str = "eval",
+                        stats_model: Optional[nn.Module] = None) -> EvalResult:
+    """Run ``model`` over ``loader`` (this rank's shard) and all-reduce the sums, so every rank gets the totals.
+
+    ``stats_model`` is the module exposing ``deq_stats`` (the unwrapped model when ``model`` is DDP-wrapped).
+    """
+    was_training = model.training
+    model.eval()
+    stats_model = stats_model or model
+    sums = torch.zeros(6, dtype=torch.float64)  # correct1, correct5, loss, count, nstep, rel, (abs below)
+    abs_sum = 0.0
+    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not (progress and env.is_main))
+    for images, targets in bar:
+        images = images.to(env.device, non_blocking=True)
+        targets = targets.to(env.device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast_context(env.device, amp_dtype):
+            logits = model(images)
+        logits = logits.float()
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        hit = top.eq(targets[:, None])
+        n = targets.numel()
+        sums[0] += hit[:, :1].sum().item()
+        sums[1] += hit.any(dim=1).sum().item()
+        sums[2] += F.cross_entropy(logits, targets, reduction="sum").item()
+        sums[3] += n
+        stats = getattr(stats_model, "deq_stats", None)
+        if stats is not None:
+            sums[4] += stats.nstep.double().sum().item()
+            sums[5] += stats.rel_residual.double().sum().item()
+            abs_sum += stats.abs_residual.double().sum().item()
+        if env.is_main and sums[3] > 0:
+            bar.set_postfix(top1=f"{100 * sums[0].item() / sums[3].item():.2f}")
+    c1, c5, loss, count, nstep, rel, absr = all_reduce_sum(sums.tolist() + [abs_sum], env)
+    model.train(was_training)
+    if count == 0:
+        raise ValueError("the evaluation set is empty")
+    return EvalResult(top1=100.0 * c1 / count, top5=100.0 * c5 / count, loss=loss / count, count=int(count),
+                      deq_nstep_mean=nstep / count, deq_rel_residual_mean=rel / count,
+                      deq_abs_residual_mean=absr / count)
+
+
+def sweep_solver_budgets(model: nn.Module, loader: Iterable, env: DistEnv, budgets: Sequence[int],
+                         configure, **kwargs: Any) -> List[Dict[str, float]]:
+    """Accuracy at each forward-solver budget: ``configure(max_iter)`` sets the model up before each pass."""
+    rows = []
+    for k in budgets:
+        if int(k) < 1:
+            raise ValueError(f"solver budgets must be >= 1, got {k}")
+        configure(int(k))
+        res = evaluate_classifier(model, loader, env, desc=f"max_iter={k}", **kwargs)
+        rows.append(dict(max_iter=int(k), **res.as_dict()))
+    return rows

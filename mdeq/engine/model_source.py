@@ -1,0 +1,88 @@
+"""Building a model for evaluation from what the user points at: a training checkpoint of this package,
+a local weights file (safetensors, a state dict, an official MDEQ checkpoint) or a timm name with a tag."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import timm
+import torch
+from torch import nn
+
+from ..models.convert import infer_preset, load_converted
+from .checkpoint import load_checkpoint
+from .deq_schedule import DEQSchedule
+from .weights import read_state_dict
+
+__all__ = ["LoadedModel", "load_model_for_eval"]
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for ``eval()``, with what its source says about data and solver settings."""
+
+    model: nn.Module
+    arch: str
+    description: str
+    classes: Optional[List[str]] = None          # class names in index order (training checkpoints)
+    data_cfg: Optional[Dict[str, Any]] = None    # the transforms' data config used in training
+    config: Optional[Dict[str, Any]] = None      # the training run's config
+    schedule: Optional[DEQSchedule] = None
+    step: int = 0
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+def load_model_for_eval(source: str, model_name: Optional[str] = None, num_classes: Optional[int] = None,
+                        use_ema: bool = False) -> LoadedModel:
+    path = Path(source)
+    if path.is_file():
+        raw = None
+        if path.suffix != ".safetensors":
+            try:
+                raw = load_checkpoint(path)
+            except Exception:
+                raw = None
+        if isinstance(raw, dict) and "identity" in raw and "model" in raw:
+            return _from_training_checkpoint(path, raw, use_ema)
+        return _from_weights_file(path, model_name, num_classes)
+    if path.suffix in (".pth", ".pt", ".pkl", ".bin", ".safetensors", ".tar") or "/" in source:
+        raise FileNotFoundError(f"{source} does not exist (expected a checkpoint or weights file, or a timm model "
+                                f"name such as mdeq_small.<tag>)")
+    kwargs = {} if num_classes is None else dict(num_classes=num_classes)
+    model = timm.create_model(source, pretrained="." in source, **kwargs)
+    return LoadedModel(model=model, arch=source.split(".")[0], description=f"timm model {source}")
+
+
+def _from_training_checkpoint(path: Path, ckpt: Dict[str, Any], use_ema: bool) -> LoadedModel:
+    from .trainer import build_schedule
+
+    ident, cfg = ckpt["identity"], ckpt["config"]
+    model = timm.create_model(ident["arch"], num_classes=ident["num_classes"], **ident.get("model_kwargs", {}))
+    weights = ckpt["model"]
+    if use_ema:
+        if ckpt.get("model_ema") is None:
+            raise ValueError(f"{path} has no EMA weights (the run had train.ema.enabled=false)")
+        weights = ckpt["model_ema"]
+    model.load_state_dict(weights)
+    schedule = build_schedule(cfg, model)
+    step = int(ckpt["progress"]["step"])
+    return LoadedModel(model=model, arch=ident["arch"], description=f"training checkpoint {path} (step {step})",
+                       classes=ckpt.get("classes"), data_cfg=ckpt.get("data_cfg"), config=cfg, schedule=schedule,
+                       step=step)
+
+
+def _from_weights_file(path: Path, model_name: Optional[str], num_classes: Optional[int]) -> LoadedModel:
+    sd = read_state_dict(path)
+    if model_name is None:
+        name, task, n = infer_preset(sd)
+        if task != "cls":
+            raise ValueError(f"{path} holds a segmentation model; eval_cls evaluates classifiers")
+        model_name = name
+    if num_classes is None:
+        if "classifier.weight" not in sd:
+            raise ValueError(f"{path} has no classifier.weight; pass the number of classes")
+        num_classes = int(sd["classifier.weight"].shape[0])
+    model = timm.create_model(model_name, num_classes=num_classes)
+    load_converted(model, sd)
+    return LoadedModel(model=model, arch=model_name.split(".")[0], description=f"weights file {path}")

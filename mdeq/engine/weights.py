@@ -1,0 +1,74 @@
+"""Reading model weights from whatever a user has: safetensors, a state dict, a training checkpoint of this
+package, or a released official MDEQ checkpoint (converted on the fly)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, Mapping, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from ..models.convert import StateDictMismatch, convert_official_state_dict, is_official_state_dict
+
+__all__ = ["read_state_dict", "load_backbone_weights"]
+
+
+def read_state_dict(path: Union[str, Path], prefer_ema: bool = False) -> Dict[str, torch.Tensor]:
+    """The model state dict stored in ``path`` (``.safetensors``, ``.pth``/``.pt``/``.pkl``/``.bin``).
+
+    A training checkpoint of this package gives its ``model`` entry (``model_ema`` with ``prefer_ema``);
+    an official MDEQ checkpoint is converted to this package's names.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd: Mapping = load_file(str(path), device="cpu")
+    else:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"cannot read weights from {path}: {type(e).__name__}: {e}") from e
+    if isinstance(sd, Mapping) and "model" in sd and isinstance(sd["model"], Mapping):  # a training checkpoint
+        sd = sd["model_ema"] if prefer_ema and isinstance(sd.get("model_ema"), Mapping) else sd["model"]
+    if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
+        sd = sd["state_dict"]
+    if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors")
+    if is_official_state_dict(sd):
+        sd = convert_official_state_dict(sd)
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return dict(sd)
+
+
+def load_backbone_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
+                          head_names: Sequence[str] = ("classifier",)) -> Tuple[List[str], List[str]]:
+    """Load everything but a head whose shape differs (a new number of classes); strict otherwise.
+
+    Returns (head keys left at their fresh init, keys skipped). Raises ``StateDictMismatch`` listing what
+    is missing, unexpected or of the wrong shape in the backbone.
+    """
+    own = model.state_dict()
+    head_keys = [k for k in own if any(k == h or k.startswith(h + ".") for h in head_names)]
+    fresh = [k for k in head_keys if k not in state_dict or state_dict[k].shape != own[k].shape]
+    skipped = [k for k in state_dict if k not in own and any(k.startswith(h + ".") for h in head_names)]
+    body = {k: v for k, v in state_dict.items() if k not in fresh and k not in skipped}
+    missing = [k for k in own if k not in body and k not in fresh]
+    unexpected = [k for k in body if k not in own]
+    wrong = [f"{k}: {tuple(body[k].shape)} in the file, {tuple(own[k].shape)} in the model"
+             for k in body if k in own and body[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        lines = []
+        if missing:
+            lines.append(f"missing in the file ({len(missing)}): {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        if unexpected:
+            lines.append(f"not in the model ({len(unexpected)}): {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+        if wrong:
+            lines.append(f"wrong shapes ({len(wrong)}): {wrong[:5]}{' ...' if len(wrong) > 5 else ''}")
+        raise StateDictMismatch("the weights do not fit this model (another architecture or preset?):\n  "
+                                + "\n  ".join(lines))
+    model.load_state_dict(body, strict=False)
+    return fresh, skipped
