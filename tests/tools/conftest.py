@@ -1,0 +1,52 @@
+"""Shared fixtures for the training-tool tests: a small real digits ImageFolder and fast run settings."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# small and fast, but every part of the recipe runs: 1 epoch unrolled, then DEQ mode with the IFT backward
+# and the Jacobian penalty on every DEQ step
+FAST = [
+    "data=imagefolder", "data.root={root}", "data.aug.scale=[0.85,1.0]", "data.aug.hflip=0.0", "data.batch_size=10", "data.eval_batch_size=15", "data.workers=0",
+    "deq.unroll_steps=2", "deq.f_thres=3", "deq.b_thres=3", "deq.pretrain_steps=6",
+    "jac.weight=0.5", "jac.freq=1.0", "train.epochs=2", "train.log_interval=1", "train.progress=false",
+]
+
+
+@pytest.fixture(scope="session")
+def digits_small(tmp_path_factory) -> Path:
+    """10 classes x (6 train, 3 val) real digits from the scikit-learn cache (60 / 30 images)."""
+    from mdeq.data.digits import prepare_digits
+
+    full = prepare_digits(tmp_path_factory.mktemp("digits") / "full")
+    small = tmp_path_factory.mktemp("digits_small")
+    for split, n in (("train", 6), ("val", 3)):
+        for cls in sorted(p.name for p in (full / split).iterdir()):
+            dst = small / split / cls
+            dst.mkdir(parents=True)
+            for f in sorted((full / split / cls).iterdir())[:n]:
+                shutil.copy(f, dst / f.name)
+    return small
+
+
+def fast_overrides(root: Path, *extra: str) -> list:
+    return [o.format(root=root) for o in FAST] + list(extra)
+
+
+def tool_env() -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", NO_ALBUMENTATIONS_UPDATE="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=str(ROOT))
+    return env
+
+
+def run_tool(tool: str, args: list, cwd: Path, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / tool), *args], cwd=cwd, env=tool_env(),
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{tool} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
