@@ -1,10 +1,12 @@
 #!/usr/bin/env python
-"""Benchmarks of mdeq-zoo. Usage: python tools/benchmark.py {solvers,models} [options] [--out DIR]
+"""Benchmarks of mdeq-zoo. Usage: python tools/benchmark.py {solvers,models,train} [options] [--out DIR]
 
 solvers   f-evaluations, wall time and solver-overhead ratio of every solver on a fixed suite
           (see mdeq/benchmarks/solvers.py for the problems and the timing method)
 models    eval forward time, f-evaluations and residual of mdeq_tiny / mdeq_small per solver
           (see mdeq/benchmarks/models.py)
+train     samples/s and peak memory of a training step: mdeq_small in DEQ mode and unrolled at
+          max_iter 8/16/32, and hrnet_w18_small (see mdeq/benchmarks/training.py)
 """
 import argparse
 import sys
@@ -14,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from mdeq.benchmarks import models as model_bench  # noqa: E402
 from mdeq.benchmarks import solvers as solver_bench  # noqa: E402
+from mdeq.benchmarks import training as train_bench  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -35,6 +38,18 @@ def main(argv=None) -> int:
     m.add_argument("--checkpoint", type=Path, help="weights for the (single) --model (safetensors or official .pth)")
     m.add_argument("--threads", type=int, default=None)
     m.add_argument("--out", type=Path, default=Path("results/benchmarks"))
+    t = sub.add_parser("train", help="samples/s and peak memory of a training step, DEQ vs unrolled vs HRNet")
+    t.add_argument("--model", default="mdeq_small")
+    t.add_argument("--iters", type=int, nargs="+", default=[8, 16, 32], help="solver budgets / unrolled depths")
+    t.add_argument("--size", type=int, default=224)
+    t.add_argument("--batch", type=int, default=8)
+    t.add_argument("--repeats", type=int, default=2, help="timed steps after one warm-up step (default 2)")
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--amp", choices=["bf16", "fp16"], help="autocast dtype")
+    t.add_argument("--compile", action="store_true", help="torch.compile the equilibrium cell")
+    t.add_argument("--no-baseline", action="store_true", help="skip hrnet_w18_small")
+    t.add_argument("--threads", type=int, default=None)
+    t.add_argument("--out", type=Path, default=Path("results/benchmarks"))
     args = parser.parse_args(argv)
 
     if args.command == "solvers":
@@ -59,6 +74,18 @@ def main(argv=None) -> int:
         paths = model_bench.save(result, args.out)
         print()
         print(model_bench.to_markdown(result))
+        print(f"wrote {paths['json']} and {paths['markdown']}")
+    elif args.command == "train":
+        configs = train_bench.default_configs(args.model, args.iters)
+        if args.no_baseline:
+            configs = [c for c in configs if c["mode"] != "explicit"]
+        result = train_bench.run(configs, size=args.size, batch=args.batch, repeats=args.repeats,
+                                 device=args.device, amp=args.amp, compile_cell=args.compile, threads=args.threads)
+        suffix = f"training_{args.device.split(':')[0]}" + (f"_{args.amp}" if args.amp else "") + (
+            "_compile" if args.compile else "")
+        paths = train_bench.save(result, args.out, suffix)
+        print()
+        print(train_bench.to_markdown(result))
         print(f"wrote {paths['json']} and {paths['markdown']}")
     return 0
 

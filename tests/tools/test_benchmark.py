@@ -39,3 +39,19 @@ def test_model_benchmark_reports_every_solver(tmp_path):
     assert [r["nfe"] for r in rows][:3] == [4, 4, 4] and rows[3]["nfe"] == 10  # unroll: num_layers
     assert all(r["forward_ms"] > 0 for r in rows)
     assert "| mdeq_tiny | 32 | unroll |" in (tmp_path / "models.md").read_text()
+
+
+def test_training_benchmark_deq_memory_is_flat_and_unroll_grows(tmp_path):
+    tool = _load_tool()
+    assert tool.main(["train", "--model", "mdeq_tiny", "--size", "32", "--batch", "2", "--iters", "2", "6",
+                      "--repeats", "1", "--no-baseline", "--threads", "1", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "training_cpu.json").read_text())
+    rows = {(r["mode"], r["max_iter"]): r for r in result["rows"]}
+    assert set(rows) == {("deq", 2), ("deq", 6), ("unroll", 2), ("unroll", 6)}
+    # what autograd keeps for backward: independent of the solver budget in DEQ mode ...
+    assert rows[("deq", 2)]["saved_mb"] == rows[("deq", 6)]["saved_mb"] > 0
+    # ... and linear in depth when unrolled: 4 more cell applications cost 2x what 2 steps' worth adds over 0
+    per_step = (rows[("unroll", 6)]["saved_mb"] - rows[("unroll", 2)]["saved_mb"]) / 4
+    assert per_step > 0 and rows[("unroll", 6)]["saved_mb"] > rows[("deq", 6)]["saved_mb"]
+    assert all(r["samples_per_s"] > 0 and r["peak_mb"] >= 0 for r in result["rows"])
+    assert "| mdeq_tiny | deq | 2 |" in (tmp_path / "training_cpu.md").read_text()

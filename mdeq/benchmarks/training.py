@@ -1,0 +1,185 @@
+"""Training-step benchmark: samples/s and peak memory of one optimizer step, DEQ mode vs. unrolled vs. HRNet.
+
+Each configuration runs in its own subprocess (so a peak is not hidden by an earlier, larger one):
+build the model, one warm-up step, then ``repeats`` timed steps (forward + loss + backward + SGD step) on a
+fixed random batch. Reported per configuration:
+
+* ``samples_per_s``: batch / median step time;
+* ``peak_mb``: on CUDA ``torch.cuda.max_memory_allocated`` during the timed steps; on CPU the growth of
+  the process's peak resident set (``ru_maxrss``) over its size just before the first step;
+* ``saved_mb``: bytes autograd saved for backward in one step (``saved_tensors_hooks``), the part of the
+  memory that grows with depth in unrolled mode and must not in DEQ mode.
+
+DEQ mode uses the Anderson forward solver and the implicit (IFT) gradient with the same budget backward,
+and a tolerance of 0 so every run makes exactly ``max_iter`` iterations; unrolled mode applies the cell
+``max_iter`` times with ordinary autograd. The explicit baseline is timm's ``hrnet_w18_small``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+__all__ = ["run", "run_one", "to_markdown", "save", "default_configs"]
+
+BASELINE = "hrnet_w18_small"
+
+
+def default_configs(model: str = "mdeq_small", iters: Sequence[int] = (8, 16, 32)) -> List[Dict]:
+    cfgs = [dict(model=model, mode="deq", max_iter=k) for k in iters]
+    cfgs += [dict(model=model, mode="unroll", max_iter=k) for k in iters]
+    cfgs.append(dict(model=BASELINE, mode="explicit", max_iter=0))
+    return cfgs
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def run_one(model: str, mode: str, max_iter: int, size: int = 224, batch: int = 8, repeats: int = 2,
+            device: str = "cpu", amp: Optional[str] = None, compile_cell: bool = False,
+            threads: Optional[int] = None) -> Dict:
+    """Measure one configuration in this process (``run`` calls it in a fresh subprocess)."""
+    import resource
+
+    import timm
+    import torch
+
+    import mdeq  # noqa: F401
+
+    if threads:
+        torch.set_num_threads(threads)
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    net = timm.create_model(model, num_classes=1000).to(dev).train()
+    if mode == "deq":
+        net.configure_deq(solver="anderson", max_iter=max_iter, tol=0.0, stop_mode="rel", backward="ift",
+                          b_solver="anderson", b_max_iter=max_iter, b_tol=0.0)
+    elif mode == "unroll":
+        net.configure_deq(solver="unroll", max_iter=max_iter)
+    if compile_cell and mode != "explicit":
+        net.fullstage.cell = torch.compile(net.fullstage.cell)
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, size, size, generator=gen).to(dev)
+    y = torch.randint(0, 1000, (batch,), generator=gen).to(dev)
+    dtype = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+             "float16": torch.float16}.get(amp or "", None)
+    saved = [0]
+
+    def pack(t):
+        saved[0] += t.numel() * t.element_size()
+        return t
+
+    def step(count_saved: bool = False):
+        opt.zero_grad(set_to_none=True)
+        ctx = torch.autocast(dev.type, dtype=dtype) if dtype is not None else _Null()
+        hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if count_saved else _Null()
+        with ctx, hooks:
+            loss = torch.nn.functional.cross_entropy(net(x).float(), y)
+        loss.backward()
+        opt.step()
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    base_rss = _rss_mb()
+    step(count_saved=True)  # warm-up (and the saved-tensor count)
+    sync()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    if dev.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2 ** 20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base_rss  # ru_maxrss is in KiB
+    sec = statistics.median(times)
+    return dict(model=model, mode=mode, max_iter=max_iter, size=size, batch=batch, device=str(dev), amp=amp,
+                compile=compile_cell, step_s=round(sec, 4), samples_per_s=round(batch / sec, 2),
+                peak_mb=round(peak, 1), saved_mb=round(saved[0] / 2 ** 20, 1),
+                params_m=round(sum(p.numel() for p in net.parameters()) / 1e6, 2))
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def run(configs: Optional[Sequence[Dict]] = None, size: int = 224, batch: int = 8, repeats: int = 2,
+        device: str = "cpu", amp: Optional[str] = None, compile_cell: bool = False,
+        threads: Optional[int] = None, progress=print) -> Dict:
+    """Run each configuration in a fresh Python process and collect the rows."""
+    configs = list(configs or default_configs())
+    rows = []
+    for c in configs:
+        args = dict(c, size=size, batch=batch, repeats=repeats, device=device, amp=amp, compile_cell=compile_cell,
+                    threads=threads)
+        code = ("import json,sys; from mdeq.benchmarks.training import run_one; "
+                "print('RESULT ' + json.dumps(run_one(**json.loads(sys.argv[1]))))")
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[2]),
+                                                           os.environ.get("PYTHONPATH", "")]))
+        proc = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True, env=env)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode != 0 or not lines:
+            raise RuntimeError(f"benchmark configuration {c} failed:\n{proc.stderr[-3000:]}")
+        row = json.loads(lines[-1][len("RESULT "):])
+        rows.append(row)
+        progress(f"  {row['model']:16s} {row['mode']:8s} iters={row['max_iter']:3d}  {row['samples_per_s']:8.2f} "
+                 f"samples/s  peak {row['peak_mb']:8.1f} MB  saved {row['saved_mb']:8.1f} MB")
+    import torch
+
+    return dict(rows=rows, settings=dict(size=size, batch=batch, repeats=repeats, device=device, amp=amp,
+                                         compile=compile_cell, threads=threads or torch.get_num_threads()),
+                environment=dict(torch=torch.__version__), checks=_checks(rows))
+
+
+def _checks(rows: List[Dict]) -> Dict:
+    """The issue's targets: DEQ peak flat in max_iter (within 10%), and 3x below unrolled at 16 steps."""
+    deq = {r["max_iter"]: r["peak_mb"] for r in rows if r["mode"] == "deq"}
+    unroll = {r["max_iter"]: r["peak_mb"] for r in rows if r["mode"] == "unroll"}
+    out: Dict = {}
+    if len(deq) > 1 and min(deq.values()) > 0:
+        out["deq_peak_spread"] = round(max(deq.values()) / min(deq.values()) - 1, 3)
+        out["deq_flat_within_10pct"] = out["deq_peak_spread"] <= 0.10
+    if 16 in deq and 16 in unroll and deq[16] > 0:
+        out["unroll16_over_deq16"] = round(unroll[16] / deq[16], 2)
+        out["deq16_3x_below_unroll16"] = out["unroll16_over_deq16"] >= 3.0
+    return out
+
+
+def to_markdown(result: Dict) -> str:
+    s = result["settings"]
+    lines = [f"Training-step benchmark ({s['device']}, batch {s['batch']} at {s['size']}, amp {s['amp']}, "
+             f"compile {s['compile']}, median of {s['repeats']} steps, {s['threads']} threads, torch "
+             f"{result['environment']['torch']})", "",
+             "| model | mode | max_iter | samples/s | step s | peak MB | autograd-saved MB |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['model']} | {r['mode']} | {r['max_iter'] or '-'} | {r['samples_per_s']:.2f} | "
+                     f"{r['step_s']:.3f} | {r['peak_mb']:.1f} | {r['saved_mb']:.1f} |")
+    if result.get("checks"):
+        lines += ["", "Checks: " + ", ".join(f"{k}={v}" for k, v in result["checks"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def save(result: Dict, out_dir: Path, name: str = "training") -> Dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / f"{name}.json", "markdown": out_dir / f"{name}.md"}
+    paths["json"].write_text(json.dumps(result, indent=2))
+    paths["markdown"].write_text(to_markdown(result))
+    return paths
