@@ -29,6 +29,7 @@ setup(
         "huggingface_hub",
         "scikit-learn",
         "tqdm",
+        "matplotlib",
         "numpy",
     ],
     extras_require={"dev": ["pytest>=7"]},
