@@ -16,6 +16,7 @@ and a tolerance of 0 so every run makes exactly ``max_iter`` iterations; unrolle
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -79,8 +80,9 @@ def run_one(model: str, mode: str, max_iter: int, size: int = 224, batch: int = 
 
     def step(count_saved: bool = False):
         opt.zero_grad(set_to_none=True)
-        ctx = torch.autocast(dev.type, dtype=dtype) if dtype is not None else _Null()
-        hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if count_saved else _Null()
+        ctx = torch.autocast(dev.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+        hooks = (torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if count_saved
+                 else contextlib.nullcontext())
         with ctx, hooks:
             loss = torch.nn.functional.cross_entropy(net(x).float(), y)
         loss.backward()
@@ -106,18 +108,13 @@ def run_one(model: str, mode: str, max_iter: int, size: int = 224, batch: int = 
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base_rss  # ru_maxrss is in KiB
     sec = statistics.median(times)
+    stats = getattr(net, "deq_stats", None)
+    fwd = stats.nfe if stats is not None else 0
+    bwd = stats.backward.nfe if stats is not None and stats.backward is not None else 0
     return dict(model=model, mode=mode, max_iter=max_iter, size=size, batch=batch, device=str(dev), amp=amp,
-                compile=compile_cell, step_s=round(sec, 4), samples_per_s=round(batch / sec, 2),
+                compile=compile_cell, fwd_nfe=fwd, bwd_nfe=bwd, step_s=round(sec, 4), samples_per_s=round(batch / sec, 2),
                 peak_mb=round(peak, 1), saved_mb=round(saved[0] / 2 ** 20, 1),
                 params_m=round(sum(p.numel() for p in net.parameters()) / 1e6, 2))
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def run(configs: Optional[Sequence[Dict]] = None, size: int = 224, batch: int = 8, repeats: int = 2,
@@ -167,10 +164,11 @@ def to_markdown(result: Dict) -> str:
     lines = [f"Training-step benchmark ({s['device']}, batch {s['batch']} at {s['size']}, amp {s['amp']}, "
              f"compile {s['compile']}, median of {s['repeats']} steps, {s['threads']} threads, torch "
              f"{result['environment']['torch']})", "",
-             "| model | mode | max_iter | samples/s | step s | peak MB | autograd-saved MB |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+             "| model | mode | max_iter | f-evals fwd / bwd | samples/s | step s | peak MB | autograd-saved MB |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
-        lines.append(f"| {r['model']} | {r['mode']} | {r['max_iter'] or '-'} | {r['samples_per_s']:.2f} | "
+        nfe = f"{r['fwd_nfe']} / {r['bwd_nfe']}" if r["mode"] != "explicit" else "-"
+        lines.append(f"| {r['model']} | {r['mode']} | {r['max_iter'] or '-'} | {nfe} | {r['samples_per_s']:.2f} | "
                      f"{r['step_s']:.3f} | {r['peak_mb']:.1f} | {r['saved_mb']:.1f} |")
     if result.get("checks"):
         lines += ["", "Checks: " + ", ".join(f"{k}={v}" for k, v in result["checks"].items())]

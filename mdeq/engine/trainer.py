@@ -12,11 +12,13 @@ with exactly the weights of an uninterrupted run (bitwise on CPU).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import logging
 import math
 import os
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,11 +129,6 @@ class ClassificationTrainer:
         self.output_dir = Path(output_dir)
         self.ckpt_dir = self.output_dir / "checkpoints"
         seed = int(self.tcfg["seed"])
-        torch.manual_seed(seed + env.rank)
-        np.random.seed((seed + env.rank) % 2 ** 32)
-        import random
-        random.seed(seed + env.rank)
-
         self.amp_dtype = self._amp_dtype()
         self.channels_last = bool(self.tcfg.get("channels_last", False))
         self.progress_bars = bool(self.tcfg.get("progress", True))
@@ -141,8 +138,9 @@ class ClassificationTrainer:
         self.num_classes = len(self.train_set.classes)
 
         # model (+ transforms from its pretrained cfg)
-        torch.manual_seed(seed)  # same init on every rank (DDP broadcasts rank 0's anyway)
+        torch.manual_seed(seed)  # the same init on every rank (DDP broadcasts rank 0's anyway)
         self.model = build_model(cfg["model"], self.num_classes)
+        _seed_everything(seed + env.rank)  # training randomness (dropout masks, probes, mixup) differs per rank
         self.data_cfg = resolve_data_cfg(self.model, cfg["data"].get("overrides"))
         self.train_set.transform = build_transform(self.data_cfg, True, cfg["data"].get("aug"))
         self.val_set.transform = build_transform(self.data_cfg, False)
@@ -409,7 +407,7 @@ class ClassificationTrainer:
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             last = i == len(micro) - 1
-            sync = self.ddp_model.no_sync() if (env.distributed and not last) else _null()
+            sync = self.ddp_model.no_sync() if (env.distributed and not last) else contextlib.nullcontext()
             with sync:
                 with autocast_context(env.device, self.amp_dtype):
                     logits = self.ddp_model(images)
@@ -568,12 +566,10 @@ class ClassificationTrainer:
         print("\n".join(lines), flush=True)
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    random.seed(seed)
 
 
 def _short(v: Any) -> str:

@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[2]
 FAST = [
     "data=imagefolder", "data.root={root}", "data.aug.scale=[0.85,1.0]", "data.aug.hflip=0.0", "data.batch_size=10", "data.eval_batch_size=15", "data.workers=0",
     "deq.unroll_steps=2", "deq.f_thres=3", "deq.b_thres=3", "deq.pretrain_steps=6",
-    "jac.weight=0.5", "jac.freq=1.0", "train.epochs=2", "train.log_interval=1", "train.progress=false",
+    "data.overrides.input_size=16", "jac.weight=0.5", "jac.freq=1.0", "jac.pretrain_weight=0.0",
+    "train.precise_bn_batches=2", "train.epochs=2", "train.log_interval=1", "train.progress=false",
 ]
 
 

@@ -54,4 +54,5 @@ def test_training_benchmark_deq_memory_is_flat_and_unroll_grows(tmp_path):
     per_step = (rows[("unroll", 6)]["saved_mb"] - rows[("unroll", 2)]["saved_mb"]) / 4
     assert per_step > 0 and rows[("unroll", 6)]["saved_mb"] > rows[("deq", 6)]["saved_mb"]
     assert all(r["samples_per_s"] > 0 and r["peak_mb"] >= 0 for r in result["rows"])
-    assert "| mdeq_tiny | deq | 2 |" in (tmp_path / "training_cpu.md").read_text()
+    assert rows[("deq", 6)]["fwd_nfe"] == rows[("deq", 6)]["bwd_nfe"] == 6 and rows[("unroll", 6)]["fwd_nfe"] == 6
+    assert "| mdeq_tiny | deq | 2 | 2 / 2 |" in (tmp_path / "training_cpu.md").read_text()

@@ -32,7 +32,7 @@ def test_eval_checkpoint_reproduces_training_eval_and_sweeps(trained_run, tmp_pa
     with Image.open(out / "sweep.png") as png:
         assert png.format == "PNG" and png.size[0] > 300
 
-    # the same weights as a bare safetensors file, with the run's eval solver given on the command line
+    # the same weights as a bare safetensors file, with the run's eval solver and resolution on the command line
     from safetensors.torch import save_file
 
     ck = load_checkpoint(run_dir / "checkpoints" / "last.pth")
@@ -40,7 +40,8 @@ def test_eval_checkpoint_reproduces_training_eval_and_sweeps(trained_run, tmp_pa
     out2 = tmp_path / "eval2"
     run_tool("eval_cls.py", [str(tmp_path / "w.safetensors"), "--model", "mdeq_tiny", "--data-root", data_root,
                              "--solver", "anderson", "--f-thres", "3", "--tol", "1e-3", "--stop-mode", "rel",
-                             "--no-progress", "--output", str(out2)], cwd=tmp_path)
+                             "--input-size", str(ck["data_cfg"]["input_size"][-1]), "--no-progress",
+                             "--output", str(out2)], cwd=tmp_path)
     assert json.loads((out2 / "eval.json").read_text())["top1"] == pytest.approx(res["top1"], abs=1e-9)
 
 
@@ -52,12 +53,12 @@ def test_eval_rejects_a_missing_file(tmp_path):
 
 @pytest.fixture(scope="module")
 def parity_digits(tmp_path_factory):
-    """The digits relabelled as even / odd (2 classes): 20 train and 10 val images per digit."""
+    """The digits relabelled as even / odd (2 classes): 40 train and 10 val images per digit."""
     from mdeq.data.digits import prepare_digits
 
     full = prepare_digits(tmp_path_factory.mktemp("digits_full") / "d")
     root = tmp_path_factory.mktemp("parity")
-    for split, n in (("train", 20), ("val", 10)):
+    for split, n in (("train", 40), ("val", 10)):
         for digit in range(10):
             dst = root / split / ("even" if digit % 2 == 0 else "odd")
             dst.mkdir(parents=True, exist_ok=True)
@@ -73,8 +74,9 @@ def test_finetune_on_a_new_labelling_beats_chance(trained_run, parity_digits, tm
     out = tmp_path / "ft"
     proc = run_tool("finetune.py", [
         f"model.weights={source}", f"data.root={parity_digits}", "data.aug.scale=[0.85,1.0]", "data.aug.hflip=0.0", "data.batch_size=20", "data.workers=0",
-        "model.freeze=[stem]", "optim.layer_decay=0.75", "optim.lr=2e-3", "deq.f_thres=4", "deq.b_thres=4",
-        "train.epochs=4", "train.progress=false", "sched.warmup_epochs=0", f"hydra.run.dir={out}"], cwd=tmp_path)
+        "model.freeze=[stem,cell]", "optim.layer_decay=0.75", "optim.lr=2e-3", "deq.f_thres=4", "deq.b_thres=4",
+        "train.epochs=3", "train.precise_bn_batches=5", "train.progress=false", "sched.warmup_epochs=0",
+        f"hydra.run.dir={out}"], cwd=tmp_path)
     m = json.loads((out / "metrics.json").read_text())
     assert m["num_classes"] == 2 and m["val_count"] == 100
     assert m["val_top1"] >= 70.0, m  # chance is 50%
@@ -82,8 +84,11 @@ def test_finetune_on_a_new_labelling_beats_chance(trained_run, parity_digits, tm
     after = load_checkpoint(out / "checkpoints" / "last.pth")["model"]
     assert after["classifier.weight"].shape[0] == 2
     assert torch.equal(before["downsample.0.weight"], after["downsample.0.weight"])  # frozen stem
-    assert not torch.equal(before["fullstage.fuse_layers.0.1.net.conv.weight"],
-                           after["fullstage.fuse_layers.0.1.net.conv.weight"])  # the cell was trained
+    assert torch.equal(before["downsample.1.running_var"], after["downsample.1.running_var"])  # frozen BN too
+    cell = "fullstage.fuse_layers.0.1.net.conv.weight"
+    assert torch.equal(before[cell], after[cell])  # frozen cell
+    head = "final_layer.0.weight"
+    assert not torch.equal(before[head], after[head])  # the head was trained
     assert "val top-1" in proc.stdout
 
 

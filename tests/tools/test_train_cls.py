@@ -125,3 +125,11 @@ def test_bad_options_are_rejected(digits_small, tmp_path):
         train_in_process(fast_overrides(digits_small, "+data.aug.sharpen=1"), tmp_path)
     with pytest.raises(ValueError, match="model.freeze accepts"):
         train_in_process(fast_overrides(digits_small, "model.freeze=[head]"), tmp_path)
+
+
+def test_fp16_autocast_uses_a_grad_scaler(digits_small, tmp_path):
+    m = train_in_process(fast_overrides(digits_small, "train.amp=true", "train.amp_dtype=float16",
+                                        "train.max_steps=2"), tmp_path)
+    assert m["steps"] == 2 and math.isfinite(m["val_loss"])
+    ck = load_checkpoint(tmp_path / "checkpoints" / "last.pth")
+    assert ck["scaler"] is not None and ck["scaler"]["scale"] > 0
