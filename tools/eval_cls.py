@@ -49,18 +49,26 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    import mdeq  # noqa: F401
+    from mdeq.engine.distributed import init_distributed, shutdown_distributed
+
+    env = init_distributed(args.device)
+    try:
+        return _evaluate(args, env)
+    finally:
+        shutdown_distributed()
+
+
+def _evaluate(args, env) -> dict:
     import torch
 
-    import mdeq  # noqa: F401
     from mdeq.data.classification import (ImageFolderDataset, build_eval_loader, build_transform, find_split,
                                           resolve_data_cfg)
     from mdeq.data.digits import prepare_digits
-    from mdeq.engine.distributed import init_distributed
     from mdeq.engine.evaluate import evaluate_classifier, sweep_solver_budgets
     from mdeq.engine.model_source import load_model_for_eval
     from mdeq.engine.trainer import AMP_DTYPES
 
-    env = init_distributed(args.device)
     loaded = load_model_for_eval(args.source, args.model, args.num_classes, args.ema)
     model = loaded.model.to(env.device).eval()
     if args.channels_last:
@@ -96,15 +104,20 @@ def main(argv=None) -> dict:
     amp = AMP_DTYPES[args.amp] if args.amp else None
     kw = dict(amp_dtype=amp, channels_last=args.channels_last, progress=not args.no_progress)
 
-    out = Path(args.output or Path("outputs") / "eval_cls" / time.strftime("%Y-%m-%d_%H-%M-%S"))
-    out.mkdir(parents=True, exist_ok=True)
+    from mdeq.engine.distributed import broadcast_object
+
+    out = Path(broadcast_object(args.output or str(Path("outputs") / "eval_cls" / time.strftime("%Y-%m-%d_%H-%M-%S")),
+                                env))
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    say = print if env.is_main else (lambda *a, **k: None)
     res = evaluate_classifier(model, loader, env, **kw)
     result = dict(source=args.source, description=loaded.description, arch=loaded.arch, split=args.split,
                   data_root=str(root), images=res.count, top1=res.top1, top5=res.top5, loss=res.loss,
                   deq_nstep_mean=res.deq_nstep_mean, deq_rel_residual_mean=res.deq_rel_residual_mean,
                   deq_abs_residual_mean=res.deq_abs_residual_mean, solver=_jsonable(model.deq.options),
                   input_size=list(data_cfg["input_size"]), crop_pct=data_cfg.get("crop_pct"))
-    print(f"{loaded.description}: top-1 {res.top1:.2f}%  top-5 {res.top5:.2f}%  on {res.count} images; "
+    say(f"{loaded.description}: top-1 {res.top1:.2f}%  top-5 {res.top5:.2f}%  on {res.count} images; "
           f"{res.deq_nstep_mean:.1f} solver steps/image, relative residual {res.deq_rel_residual_mean:.3g}")
     if args.sweep_iters:
         base = dict(model.deq.options)
@@ -112,13 +125,15 @@ def main(argv=None) -> dict:
                                     lambda k: model.configure_deq(max_iter=k), **kw)
         model.configure_deq(max_iter=base["max_iter"])
         result["sweep"] = rows
-        _write_sweep(rows, out, f"{loaded.arch} ({base['solver']})")
-        print("max_iter  top-1   top-5   steps  rel.residual")
+        if env.is_main:
+            _write_sweep(rows, out, f"{loaded.arch} ({base['solver']})")
+        say("max_iter  top-1   top-5   steps  rel.residual")
         for r in rows:
-            print(f"{r['max_iter']:8d}  {r['top1']:6.2f}  {r['top5']:6.2f}  {r['deq_nstep_mean']:5.1f}  "
+            say(f"{r['max_iter']:8d}  {r['top1']:6.2f}  {r['top5']:6.2f}  {r['deq_nstep_mean']:5.1f}  "
                   f"{r['deq_rel_residual_mean']:.3g}")
-    (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"results: {out / 'eval.json'}" + (f", {out / 'sweep.png'}" if args.sweep_iters else ""))
+    if env.is_main:
+        (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    say(f"results: {out / 'eval.json'}" + (f", {out / 'sweep.png'}" if args.sweep_iters else ""))
     return result
 
 

@@ -48,6 +48,11 @@ def run_classification(cfg: DictConfig, require_start_weights: bool = False) -> 
 
     config = plain_config(cfg)
     model, train = config["model"], config["train"]
+    if config.get("recipe") == "digits_tiny" and config["data"].get("name") != "digits":
+        raise SystemExit(
+            "experiment=digits_tiny (the default) is the recipe of the bundled digits job and would be applied to "
+            f"data={config['data'].get('name')}; choose an experiment for your data (configs/experiment/, e.g. "
+            "experiment=imagenet_small) or ~experiment and set model=, deq=, optim=, jac.*, train.* yourself")
     if require_start_weights and not (model.get("weights") or model.get("pretrained") or train.get("resume")):
         raise SystemExit("fine-tuning needs starting weights: model.weights=<file> (a checkpoint, safetensors or an "
                          "official MDEQ .pkl) or model.pretrained=true with model.name=<arch>.<tag>")

@@ -45,6 +45,8 @@ def load_model_for_eval(source: str, model_name: Optional[str] = None, num_class
                 raw = None
         if isinstance(raw, dict) and "identity" in raw and "model" in raw:
             return _from_training_checkpoint(path, raw, use_ema)
+        if use_ema:
+            raise ValueError(f"--ema needs a training checkpoint with EMA weights; {path} is a plain weights file")
         return _from_weights_file(path, model_name, num_classes)
     if path.suffix in (".pth", ".pt", ".pkl", ".bin", ".safetensors", ".tar") or "/" in source:
         raise FileNotFoundError(f"{source} does not exist (expected a checkpoint or weights file, or a timm model "

@@ -7,14 +7,14 @@ also written to ``<output_dir>/metrics.json``.
 
 Resuming (``train.resume=<checkpoint>``) restores model, optimizer, scheduler, scaler, EMA, the step
 counters (including the position inside an epoch), the RNG states and the phase; with the per-sample
-seeded augmentation and the (seed, epoch)-shuffled sampler, a run killed at any point and resumed ends
-with exactly the weights of an uninterrupted run (bitwise on CPU).
+seeded augmentation and the (seed, epoch)-shuffled sampler, a single-process run killed at any point and
+resumed ends with exactly the weights of an uninterrupted run (bitwise on CPU). Under DDP only rank 0's
+RNG state is saved, so the other ranks reseed from (seed, rank, step): reproducible, not bitwise-identical.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
-import itertools
 import logging
 import math
 import os
@@ -238,6 +238,11 @@ class ClassificationTrainer:
         return dict(arch=self.cfg["model"]["name"], num_classes=self.num_classes,
                     model_kwargs=dict(self.cfg["model"].get("kwargs") or {}))
 
+    def _data_setup(self) -> Dict[str, int]:
+        """What fixes the order of batches and the schedule's length; a mid-epoch resume needs the same."""
+        return dict(batch_size=self.train_loader.batch_size, world_size=self.env.world_size,
+                    grad_accum_steps=self.accum, train_images=len(self.train_set))
+
     def _check_compatible(self, ckpt: Mapping[str, Any], path: str) -> None:
         want, got = self._identity(), ckpt.get("identity") or {}
         if got.get("arch") != want["arch"] or got.get("num_classes") != want["num_classes"]:
@@ -252,12 +257,23 @@ class ClassificationTrainer:
             raise CheckpointError(
                 f"cannot resume from {path}: its {got.get('arch')} weights do not fit this model "
                 f"(model.kwargs differ? first mismatching keys: {wrong[:5]})")
+        theirs_setup, ours = ckpt.get("data_setup") or {}, self._data_setup()
+        changed = {k: (theirs_setup.get(k), v) for k, v in ours.items() if theirs_setup.get(k) != v}
+        if changed:
+            text = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
+            if ckpt["progress"]["batch_in_epoch"]:
+                raise CheckpointError(
+                    f"cannot resume from {path} in the middle of an epoch with a different data setup ({text}): "
+                    f"the rest of the epoch would not be the batches the run had not seen; use the same "
+                    f"data.batch_size, number of processes and train.grad_accum_steps")
+            _log.warning("resuming with a different data setup (%s): the schedule's steps per epoch change", text)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> Dict[str, Any]:
         return dict(
             version=CHECKPOINT_VERSION,
             identity=self._identity(),
+            data_setup=self._data_setup(),
             config=_plain(self.cfg),
             model=self.model.state_dict(),
             model_ema=self.ema.module.state_dict() if self.ema is not None else None,
@@ -290,9 +306,9 @@ class ClassificationTrainer:
         if self.env.world_size == 1:
             restore_rng_state(ckpt["rng"])
         else:  # each rank reseeds from (seed, rank, step): reproducible, not tied to rank 0's state
-            seed = int(self.tcfg["seed"]) + 1000003 * self.env.rank + self.progress.step
-            torch.manual_seed(seed)
-            np.random.seed(seed % 2 ** 32)
+            _seed_everything(int(self.tcfg["seed"]) + 1000003 * self.env.rank + self.progress.step)
+            if not self.env.is_main:  # the epoch's running loss in the checkpoint is rank 0's
+                self.progress.epoch_loss_sum, self.progress.epoch_steps = 0.0, 0
 
     # ------------------------------------------------------------------ training
     def fit(self) -> Dict[str, Any]:
@@ -311,6 +327,7 @@ class ClassificationTrainer:
         if self.max_steps is not None:
             total_steps = min(total_steps, int(self.max_steps))
         final_eval: Optional[EvalResult] = None
+        final_eval_step = -1
         try:
             while p.epoch < self.epochs and p.step < total_steps:
                 self._train_epoch(total_steps)
@@ -321,9 +338,9 @@ class ClassificationTrainer:
                 interval = int(self.tcfg.get("val_interval", 1))
                 if (p.epoch + 1) % interval == 0 or p.epoch + 1 == self.epochs:
                     val = self._validate()
-                    final_eval = val
+                    final_eval, final_eval_step = val, p.step
                 self._end_epoch(val)
-            if final_eval is None or p.batch_in_epoch:  # evaluate the final weights if not just done
+            if final_eval is None or final_eval_step != p.step:  # evaluate the final weights if not just done
                 final_eval = self._validate()
             metrics = self._final_metrics(final_eval)
             if self.env.is_main:
@@ -435,9 +452,12 @@ class ClassificationTrainer:
         if self.ema is not None:
             self.ema.update(self.model, step=self.progress.step)
         loss_value = total / len(micro)
-        if not math.isfinite(loss_value):
+        finite = math.isfinite(loss_value)
+        if self.env.distributed:  # every rank must stop together, not leave the others waiting in a collective
+            finite = all_reduce_sum([0.0 if finite else 1.0], self.env)[0] == 0.0
+        if not finite:
             raise FloatingPointError(
-                f"the training loss became {loss_value} at step {self.progress.step} "
+                f"the training loss became non-finite (here: {loss_value}) at step {self.progress.step} "
                 f"({plan.phase} phase); lower optim.lr, set train.clip_grad, or resume from the last checkpoint")
         return loss_value, stats
 
@@ -468,8 +488,9 @@ class ClassificationTrainer:
         """Recompute BatchNorm statistics at the current weights from ``train.precise_bn_batches`` train batches.
 
         The running averages lag behind weights that still move fast (a short schedule, or Adam on small
-        weights); Wu & Johnson, "Rethinking 'Batch' in BatchNorm" (2021). The batches are this rank's first
-        ones of the train set in a fixed order with eval transforms, so the result is reproducible.
+        weights); Wu & Johnson, "Rethinking 'Batch' in BatchNorm" (2021). The images are a fixed random
+        subset of the train set (drawn once from the seed, so every class is represented and the result is
+        reproducible), with eval transforms, split over the ranks.
         """
         n = int(self.tcfg.get("precise_bn_batches") or 0)
         if n <= 0:
@@ -477,11 +498,14 @@ class ClassificationTrainer:
         if self._bn_loader is None:
             data = copy.copy(self.train_set)
             data.transform = self.val_set.transform
-            self._bn_loader = build_eval_loader(data, self.train_loader.batch_size, self.env.world_size,
-                                                self.env.rank, workers=int(self.cfg["data"].get("workers", 2)))
+            batch = self.train_loader.batch_size
+            order = torch.randperm(len(data), generator=torch.Generator().manual_seed(int(self.tcfg["seed"])))
+            subset = torch.utils.data.Subset(data, order[: n * batch * self.env.world_size].tolist())
+            self._bn_loader = build_eval_loader(subset, batch, self.env.world_size, self.env.rank,
+                                                workers=int(self.cfg["data"].get("workers", 2)))
 
         def batches():
-            for images, _ in itertools.islice(self._bn_loader, n):
+            for images, _ in self._bn_loader:
                 images = images.to(self.env.device)
                 yield images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
 
@@ -501,6 +525,8 @@ class ClassificationTrainer:
         if self.ema is not None:
             self.schedule.apply_eval(self.ema.module, p.step)
             self._precise_bn(self.ema.module)
+            if self.env.distributed and not self.tcfg.get("sync_bn"):
+                distribute_bn(self.ema.module, self.env.world_size, reduce=True)
             ema_res = evaluate_classifier(self.ema.module, self.val_loader, self.env, self.amp_dtype,
                                           self.channels_last, self.progress_bars, desc="val (EMA)")
             self.logger.scalars({"val_ema/top1": ema_res.top1, "val_ema/top5": ema_res.top5}, p.step)
@@ -513,6 +539,10 @@ class ClassificationTrainer:
         row = dict(epoch=p.epoch, step=p.step, phase=self.schedule.phase(p.step - 1), lr=self._lr(),
                    train_loss=loss_sum / max(loss_n, 1), train_seconds=round(p.train_seconds, 3))
         improved = False
+        # the same columns in every row (blank when an epoch was not validated)
+        row.update(val_top1="", val_top5="", val_loss="", deq_nstep_mean="", deq_rel_residual_mean="")
+        if self.ema is not None:
+            row.update(val_ema_top1="", val_ema_top5="")
         if val is not None:
             score = getattr(val, "ema", val).top1
             row.update(val_top1=val.top1, val_top5=val.top5, val_loss=val.loss,
@@ -541,7 +571,8 @@ class ClassificationTrainer:
             deq_abs_residual_mean=val.deq_abs_residual_mean, train_seconds=p.train_seconds,
             epochs=p.epoch, steps=p.step, phase=self.schedule.phase(max(p.step - 1, 0)),
             best_val_top1=max(p.best_top1, val.top1), eval_solver=dict(self.model.deq.options),
-            model=self.cfg["model"]["name"], num_classes=self.num_classes, world_size=self.env.world_size,
+            model=self.cfg["model"]["name"], recipe=self.cfg.get("recipe"), num_classes=self.num_classes,
+            world_size=self.env.world_size,
             samples_per_s=p.samples_seen / p.train_seconds if p.train_seconds > 0 else None,
         )
         if getattr(val, "ema", None) is not None:

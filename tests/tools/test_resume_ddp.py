@@ -15,7 +15,7 @@ from mdeq.engine.checkpoint import load_checkpoint
 from .conftest import ROOT, fast_overrides, run_tool, tool_env
 
 RESUME_OPTS = ["train.checkpoint_interval=1", "train.ema.enabled=true", "train.ema.decay=0.9",
-               "deq.pretrain_steps=4", "jac.freq=0.5", "jac.pretrain_weight=0.1", "model.kwargs.dropout=0.1"]
+               "deq.pretrain_steps=4", "jac.freq=0.5", "jac.pretrain_weight=0.1", "+model.kwargs.dropout=0.1"]
 
 
 def _step_of(path: Path) -> int:
@@ -33,8 +33,9 @@ def _assert_same_state(a: dict, b: dict) -> None:
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         for k in sa:
             assert torch.equal(torch.as_tensor(sa[k]), torch.as_tensor(sb[k])), f"optimizer state {k} differs"
-    assert a["progress"]["step"] == b["progress"]["step"]
-    assert a["rng"]["torch"].equal(b["rng"]["torch"])
+    assert a["scheduler"] == b["scheduler"] and a["progress"]["step"] == b["progress"]["step"]
+    assert a["rng"]["torch"].equal(b["rng"]["torch"]) and a["rng"]["python"] == b["rng"]["python"]
+    assert a["rng"]["numpy"]["keys"].equal(b["rng"]["numpy"]["keys"])
 
 
 @pytest.mark.slow

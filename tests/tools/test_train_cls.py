@@ -55,7 +55,8 @@ def test_outputs_metrics_and_report(trained_run):
     assert m["train_seconds"] > 0
     assert f"val top-1 {m['val_top1']:.2f}%" in proc.stdout and "metrics.json" in proc.stdout
     ck = load_checkpoint(run_dir / "checkpoints" / "last.pth")
-    assert ck["identity"] == {"arch": "mdeq_tiny", "num_classes": 10, "model_kwargs": {"dropout": 0.0}}
+    assert ck["identity"] == {"arch": "mdeq_tiny", "num_classes": 10, "model_kwargs": {}}
+    assert ck["data_setup"] == {"batch_size": 10, "world_size": 1, "grad_accum_steps": 1, "train_images": 60}
     assert ck["progress"]["step"] == 12 and ck["phase"] == "deq"
     assert (run_dir / "checkpoints" / "best.pth").is_file()
     assert not list((run_dir / "checkpoints").glob(".*"))  # no temp files
@@ -96,11 +97,18 @@ def test_resume_from_another_architecture_fails_clearly(trained_run, digits_smal
 
 def test_wrong_data_root_shows_the_layout(tmp_path):
     (tmp_path / "data" / "train" / "cat").mkdir(parents=True)
-    proc = run_tool("train_cls.py", ["data=imagefolder", f"data.root={tmp_path / 'data'}",
+    proc = run_tool("train_cls.py", ["~experiment", "data=imagefolder", f"data.root={tmp_path / 'data'}",
                                      f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, check=False)
     assert proc.returncode != 0
     assert "expected an ImageFolder root in the ImageNet layout" in proc.stderr
     assert "train/<class_name>/<image>" in proc.stderr
+
+
+def test_the_digits_recipe_is_not_applied_to_other_data_silently(tmp_path):
+    proc = run_tool("train_cls.py", ["data=imagefolder", f"data.root={tmp_path}", f"hydra.run.dir={tmp_path / 'r'}"],
+                    cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "experiment=digits_tiny (the default)" in proc.stderr and "~experiment" in proc.stderr
 
 
 def test_training_features_run_together(digits_small, tmp_path):
@@ -133,3 +141,15 @@ def test_fp16_autocast_uses_a_grad_scaler(digits_small, tmp_path):
     assert m["steps"] == 2 and math.isfinite(m["val_loss"])
     ck = load_checkpoint(tmp_path / "checkpoints" / "last.pth")
     assert ck["scaler"] is not None and ck["scaler"]["scale"] > 0
+
+
+def test_val_interval_keeps_csv_columns_and_final_metrics_describe_the_final_weights(digits_small, tmp_path):
+    m = train_in_process(fast_overrides(digits_small, "train.epochs=4", "train.val_interval=2",
+                                        "train.max_steps=18"), tmp_path)
+    assert m["steps"] == 18 and m["epochs"] == 3
+    with (tmp_path / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["epoch"] for r in rows] == ["0", "1", "2"]
+    assert [bool(r["val_top1"]) for r in rows] == [False, True, False]
+    val_steps = [step for step, _ in scalars(tmp_path / "tensorboard")["val/top1"]]
+    assert val_steps == [12, 18]  # epoch 2 was not validated, so the final weights were evaluated at the end

@@ -1,0 +1,59 @@
+"""The experiment configs carry the official recipes (values from the locuslab YAMLs, see the shared notes)."""
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# experiment: (model, model kwargs, solver, f/b thres, stop mode, pretrain steps, opt, lr, wd, batch, epochs, jac)
+OFFICIAL = {
+    "imagenet_small": ("mdeq_small", {}, "broyden", (26, 27), "abs", 510000, "sgd", 0.05, 5e-5, 32, 100, None),
+    "imagenet_small_jr": ("mdeq_small", {"head_channels": [28, 56, 112, 224], "dropout": 0.02,
+                                         "post_gn_affine": False}, "broyden", (14, 14), "abs", 510000, "sgd", 0.04,
+                          2e-5, 32, 100, (2.5, 0.08, 50000, 0.03)),
+    "imagenet_large": ("mdeq_large", {}, "broyden", (26, 27), "abs", 510000, "sgd", 0.05, 1e-4, 32, 100, None),
+    "imagenet_large_jr": ("mdeq_large", {"post_gn_affine": False}, "broyden", (14, 14), "abs", 510000, "sgd", 0.05,
+                          1e-4, 32, 100, (3.0, 0.08, 50000, 0.03)),
+    "imagenet_xl": ("mdeq_xl", {}, "broyden", (26, 27), "abs", 400000, "sgd", 0.05, 1e-4, 32, 100, None),
+    "imagenet_xl_jr": ("mdeq_xl", {"post_gn_affine": False}, "broyden", (14, 14), "abs", 400000, "sgd", 0.05, 1e-4,
+                       32, 100, (3.0, 0.08, 50000, 0.03)),
+    "cifar10_tiny": ("mdeq_tiny", {}, "broyden", (18, 20), "rel", 3000, "adam", 1e-3, 2.5e-6, 128, 50, None),
+    "cifar10_large": ("mdeq_cifar_large", {}, "broyden", (18, 20), "rel", 20000, "adam", 1e-3, 0.0, 128, 220, None),
+    "cifar10_large_jr": ("mdeq_cifar_large", {"num_layers": 8, "dropout": 0.22}, "broyden", (8, 7), "rel", 16000,
+                         "adam", 1e-3, 0.0, 96, 220, (0.4, 0.02, 0, 0.0)),
+}
+
+
+def _compose(experiment):
+    from hydra import compose, initialize_config_dir
+
+    from mdeq.engine.app import register_resolvers
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return compose("train_cls", overrides=[f"experiment={experiment}"])
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL))
+def test_experiment_reproduces_the_official_recipe(name):
+    model, kwargs, solver, (f, b), stop, pre, opt, lr, wd, batch, epochs, jac = OFFICIAL[name]
+    c = _compose(name)
+    assert c.recipe == name
+    assert c.model.name == model and dict(c.model.kwargs) == kwargs
+    assert (c.deq.solver, c.deq.b_solver, c.deq.f_thres, c.deq.b_thres, c.deq.stop_mode) == (solver, solver, f, b, stop)
+    assert c.deq.solver_options.memory == f and c.deq.b_solver_options.memory == b  # full-memory Broyden
+    assert c.deq.pretrain_steps == pre and c.deq.backward == "ift"
+    assert (c.optim.opt, c.optim.lr, c.optim.weight_decay) == (opt, lr, wd)
+    assert c.data.batch_size == batch and c.train.epochs == epochs
+    assert (c.sched.sched, c.sched.min_lr, c.sched.warmup_epochs, c.sched.step_on_epochs) == ("cosine", 1e-6, 0, False)
+    if jac is None:
+        assert c.jac.weight == 0 and c.jac.freq == 0
+    else:
+        assert (c.jac.weight, c.jac.freq, c.jac.incremental, c.jac.pretrain_weight) == jac
+    if name == "cifar10_large_jr":
+        assert c.deq.rand_f_thres_delta == 2 and c.jac.stop_epoch == 90
+
+
+def test_every_experiment_file_is_covered():
+    files = {p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml")}
+    assert files == set(OFFICIAL) | {"digits_tiny"}
