@@ -17,7 +17,7 @@ setup(
     license="MIT",
     python_requires=">=3.9",
     packages=find_packages(include=["mdeq", "mdeq.*", "zoo", "zoo.*"]),
-    package_data={"zoo": ["*.json"]},
+    package_data={"zoo": ["*.json", "weights/*.safetensors"]},
     install_requires=[
         "torch>=2.1,<=2.14.1",
         "torchvision",

@@ -34,6 +34,7 @@ from mdeq.core.norm import has_weight_norm
 
 from .config import CLS_PRESETS, MDEQConfig, config_field_names, resolve_config
 from .layers import MDEQCell
+from .pretrained import catalog_cfgs, resolve_catalog_weights
 
 __all__ = ["MDEQNet", "MDEQBackbone", "MDEQStage", "Bottleneck"]
 
@@ -372,6 +373,13 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
 
 def _create_mdeq(variant: str, pretrained: bool = False, **kwargs) -> MDEQNet:
     cfg_overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in config_field_names()}
+    overlay = kwargs.get("pretrained_cfg_overlay") or {}
+    if pretrained and not any(overlay.get(k) for k in ("file", "state_dict", "url", "hf_hub_id")):
+        base = _cifar_cfg() if CLS_PRESETS[variant].downsample_times == 0 else _cfg()
+        published = resolve_catalog_weights(variant, kwargs.get("pretrained_cfg"), base)
+        if published is not None:  # a published weight set: downloaded and verified by the zoo
+            kwargs["pretrained_cfg"], solver = published
+            cfg_overrides.setdefault("deq", solver)  # the solver its metrics were measured with
     cfg = resolve_config(CLS_PRESETS[variant], cfg_overrides)
     return build_model_with_cfg(
         MDEQNet, variant, pretrained, model_cfg=cfg,
@@ -396,7 +404,15 @@ def _cifar_cfg(**kwargs) -> Dict[str, Any]:
                           mean=CIFAR_MEAN, std=CIFAR_STD), **kwargs})
 
 
+def _published(arch: str) -> Dict[str, Any]:
+    """Catalog entries of ``arch`` as timm cfgs (listed first, so the first is timm's default tag)."""
+    base = _cifar_cfg if arch in ("mdeq_tiny", "mdeq_cifar_large") else _cfg
+    return {name: base(**cfg) for name, cfg in catalog_cfgs().items() if name.split(".", 1)[0] == arch}
+
+
 default_cfgs = generate_default_cfgs({
+    **{k: v for arch in ("mdeq_tiny", "mdeq_cifar_large", "mdeq_small", "mdeq_large", "mdeq_xl")
+       for k, v in _published(arch).items()},
     "mdeq_tiny.untrained": _cifar_cfg(),
     "mdeq_cifar_large.untrained": _cifar_cfg(pool_size=(4, 4)),
     "mdeq_small.untrained": _cfg(),

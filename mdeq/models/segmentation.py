@@ -7,7 +7,7 @@ upsampled to the input size.
 """
 from __future__ import annotations
 
-from typing import Any, List
+from typing import Any, List, Union
 
 import torch
 import torch.nn.functional as F
@@ -57,18 +57,28 @@ def list_segmentation_models() -> List[str]:
     return sorted(SEG_PRESETS)
 
 
-def create_segmentation_model(name: str, num_classes: int = 19, pretrained: bool = False, **overrides: Any
-                              ) -> MDEQSegNet:
+def create_segmentation_model(name: str, num_classes: int = 19, pretrained: Union[bool, str] = False,
+                              **overrides: Any) -> MDEQSegNet:
     """An MDEQ segmentation model from a preset (``mdeq_small``, ``mdeq_large``, ``mdeq_xl``).
 
     Any ``MDEQConfig`` field can be overridden; ``in_chans``, ``device``, ``dtype``, ``final_conv_kernel`` are
-    passed to the model. Pretrained segmentation weights come from the zoo (not bundled yet).
+    passed to the model. ``pretrained=True`` (or a tag such as ``'cityscapes_official'``) loads published
+    Cityscapes weights from the zoo catalog (verified download; the released checkpoints are converted on
+    first use); with another ``num_classes`` the last classifier conv is left at its fresh init.
     """
     if name not in SEG_PRESETS:
         raise ValueError(f"unknown segmentation model {name!r}; available: {list_segmentation_models()}")
-    if pretrained:
-        raise ValueError("no pretrained segmentation weights are published in this version; load a converted "
-                         "checkpoint with model.load_state_dict(...) (tools/convert_official.py)")
+    weights = None
+    if pretrained:  # True: the first published Cityscapes entry of this preset; a string: that tag
+        from .pretrained import fetch_segmentation_weights
+
+        weights, entry = fetch_segmentation_weights(name, pretrained if isinstance(pretrained, str) else None)
+        overrides.setdefault("deq", dict(entry["solver"]))
     fields = config_field_names()
     cfg = resolve_config(SEG_PRESETS[name], {k: overrides.pop(k) for k in list(overrides) if k in fields})
-    return MDEQSegNet(cfg, num_classes=num_classes, **overrides)
+    model = MDEQSegNet(cfg, num_classes=num_classes, **overrides)
+    if weights is not None:
+        own = model.state_dict()
+        head = [k for k in weights if k.startswith("last_layer.3.") and weights[k].shape != own[k].shape]
+        model.load_state_dict({k: v for k, v in weights.items() if k not in head}, strict=not head)
+    return model

@@ -1,0 +1,66 @@
+"""tools/publish_weights.py: folder + catalog entry + cards, then loads through timm (local-dir and HTTP)."""
+import json
+
+import timm
+import torch
+from safetensors.torch import load_file
+
+import mdeq  # noqa: F401
+from mdeq.engine.checkpoint import load_checkpoint
+from zoo.catalog import load_catalog
+
+from ..zoo.server import FileServer
+from .conftest import run_tool
+from .test_train_cls import trained_run  # noqa: F401  (module fixture: one short training run)
+
+
+def test_publish_then_load_from_the_folder_and_over_http(trained_run, tmp_path, monkeypatch):
+    run_dir, _ = trained_run
+    ckpt = run_dir / "checkpoints" / "last.pth"
+    catalog, cards, out = tmp_path / "catalog.json", tmp_path / "CARDS.md", tmp_path / "pub"
+    catalog.write_text("{}")
+    server = FileServer({})
+    try:
+        url = server.url("/mdeq_tiny_testrun.safetensors")
+        proc = run_tool("publish_weights.py", [str(ckpt), "--name", "mdeq_tiny.testrun", "--url", url, "--out",
+                                               str(out), "--catalog", str(catalog), "--cards", str(cards)],
+                        cwd=tmp_path)
+        assert "published mdeq_tiny.testrun" in proc.stdout
+        weights = load_file(str(out / "model.safetensors"))
+        trained = load_checkpoint(ckpt)["model"]
+        assert weights.keys() == trained.keys() and all(torch.equal(weights[k], trained[k]) for k in weights)
+        config = json.loads((out / "config.json").read_text())
+        assert config["architecture"] == "mdeq_tiny" and config["num_classes"] == 10
+        assert config["pretrained_cfg"]["tag"] == "testrun"
+        entry = load_catalog(catalog, overlay="")["mdeq_tiny.testrun"]
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert entry["metrics"]["val_top1"] == metrics["val_top1"] and entry["metrics_source"] == "measured"
+        assert entry["sources"] == [{"type": "url", "url": url}] and entry["stats"]["params_m"] > 0.1
+        card = (out / "README.md").read_text()
+        assert card.startswith("---\ntags: [image-classification, timm") and entry["sha256"] in card
+        assert "## mdeq_tiny.testrun" in cards.read_text()
+
+        monkeypatch.setenv("MDEQ_ZOO_CACHE", str(tmp_path / "cache"))
+        local = timm.create_model(f"local-dir:{out}", pretrained=True)
+        assert all(torch.equal(v, weights[k]) for k, v in local.state_dict().items())
+        assert local.deq.options["max_iter"] == entry["solver"]["max_iter"]  # the measured solver travels along
+
+        server.files["/mdeq_tiny_testrun.safetensors"] = (out / "model.safetensors").read_bytes()
+        monkeypatch.setenv("MDEQ_ZOO_CATALOG", str(catalog))
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        remote = timm.create_model("mdeq_tiny.testrun", pretrained=True, features_only=True)
+        x = torch.randn(1, 3, 16, 16)
+        local.eval()
+        remote.eval()
+        with torch.no_grad():
+            assert torch.equal(remote(x)[-1], local.forward_intermediates(x, intermediates_only=True)[-1])
+    finally:
+        server.stop()
+
+
+def test_publish_needs_a_source(trained_run, tmp_path):
+    run_dir, _ = trained_run
+    proc = run_tool("publish_weights.py", [str(run_dir / "checkpoints" / "last.pth"), "--name", "mdeq_tiny.x",
+                                           "--out", str(tmp_path / "o"), "--catalog", str(tmp_path / "c.json")],
+                    cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "needs a source" in proc.stderr

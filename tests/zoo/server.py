@@ -1,0 +1,66 @@
+"""A real HTTP server on 127.0.0.1 for download tests: serves files from memory, honours Range requests,
+and can corrupt a byte or drop the connection part-way through a transfer."""
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Dict, List, Optional
+
+
+class FileServer:
+    def __init__(self, files: Dict[str, bytes], port: int = 0):
+        self.files = dict(files)
+        self.corrupt = False
+        self.die_after: Optional[int] = None  # bytes of the body to send before dropping the connection
+        self.requests: List[dict] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                data = server.files.get(self.path)
+                server.requests.append(dict(path=self.path, range=self.headers.get("Range")))
+                if data is None:
+                    self.send_error(404)
+                    return
+                if server.corrupt:
+                    data = data[:100] + bytes([data[100] ^ 0xFF]) + data[101:]
+                start, status = 0, 200
+                rng = self.headers.get("Range")
+                if rng and rng.startswith("bytes="):
+                    start = int(rng[len("bytes="):].split("-")[0])
+                    if start >= len(data):
+                        self.send_response(416)
+                        self.send_header("Content-Range", f"bytes */{len(data)}")
+                        self.end_headers()
+                        return
+                    status = 206
+                body = data[start:]
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                if status == 206:
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                self.end_headers()
+                if server.die_after is not None:
+                    self.wfile.write(body[:server.die_after])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
+                self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def stop(self) -> None:
+        if self.thread is None:
+            return
+        self.thread, thread = None, self.thread
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        thread.join()
