@@ -10,6 +10,7 @@ class FileServer:
         self.files = dict(files)
         self.corrupt = False
         self.die_after: Optional[int] = None  # bytes of the body to send before dropping the connection
+        self.kill_after: Optional[int] = None  # ... before dropping it and shutting the whole server down
         self.requests: List[dict] = []
         server = self
 
@@ -41,11 +42,14 @@ class FileServer:
                 if status == 206:
                     self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
                 self.end_headers()
-                if server.die_after is not None:
-                    self.wfile.write(body[:server.die_after])
+                cut = server.kill_after if server.kill_after is not None else server.die_after
+                if cut is not None:
+                    self.wfile.write(body[:cut])
                     self.wfile.flush()
                     self.close_connection = True
                     self.connection.shutdown(2)
+                    if server.kill_after is not None:
+                        threading.Thread(target=server.stop, daemon=True).start()
                     return
                 self.wfile.write(body)
 

@@ -57,6 +57,10 @@ def test_create_model_downloads_verifies_caches_and_then_works_offline(served, t
     again = timm.create_model(NAME, pretrained=True, num_classes=4)
     assert again.classifier.weight.shape == (4, 200)  # timm dropped the head
     assert torch.equal(again.downsample[0].weight, model.downsample[0].weight)
+    gray = timm.create_model(NAME, pretrained=True, in_chans=1)  # timm folds the RGB filters of the stem
+    assert torch.allclose(gray.downsample[0].weight, model.downsample[0].weight.sum(1, keepdim=True))
+    overlaid = timm.create_model("mdeq_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(cached)))
+    assert _weights_equal(overlaid, cached)
 
 
 def test_a_corrupt_byte_is_an_error_and_nothing_is_cached(served):
@@ -80,6 +84,21 @@ def test_a_transfer_cut_off_mid_way_resumes_on_the_next_call(served):
     path = fetch(NAME, progress=False)
     assert sha256_of(path) == entry["sha256"] and not part.exists()
     assert server.requests[-1]["range"] == f"bytes={len(data) // 3}-"  # resumed, not restarted
+
+
+def test_the_server_killed_mid_transfer_then_back(served):
+    server, entry, data = served
+    server.kill_after = len(data) // 2
+    with pytest.raises(DownloadError, match=r"URL http://127.0.0.1:\d+/w/mdeq_tiny_digits.safetensors: URLError"):
+        fetch(NAME, progress=False, retries=2)  # the retries find the server gone
+    assert not (cache_dir() / entry["file"]).exists()
+    back = FileServer(server.files, port=server.port)
+    try:
+        path = fetch(NAME, progress=False)
+        assert sha256_of(path) == entry["sha256"]
+        assert back.requests[0]["range"] == f"bytes={len(data) // 2}-"
+    finally:
+        back.stop()
 
 
 def test_errors_name_every_source_tried(served, tmp_path, monkeypatch):
