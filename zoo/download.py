@@ -12,6 +12,7 @@ Cache: ``$MDEQ_ZOO_CACHE``, else ``$TORCH_HOME/hub/mdeq_zoo`` (``TORCH_HOME`` de
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -71,15 +72,32 @@ def fetch(name: str, catalog: Optional[Mapping[str, Mapping]] = None, progress: 
     entry = catalog[name]
     target = cache_dir() / entry["file"]
     target.parent.mkdir(parents=True, exist_ok=True)
-    if entry["format"] == "official":
-        return _fetch_official(name, entry, target, convert, progress, retries, timeout)
-    sha = entry["sha256"]
-    if _verified(target, sha):
+    with _locked(target.with_name(target.name + ".lock")):  # DDP ranks / parallel jobs share one download
+        if entry["format"] == "official":
+            return _fetch_official(name, entry, target, convert, progress, retries, timeout)
+        sha = entry["sha256"]
+        if _verified(target, sha):
+            return target
+        if target.exists():  # a cached file that no longer matches (edited or corrupted): never use it
+            target.unlink()
+        _download(name, entry, target, sha, progress, retries, timeout)
         return target
-    if target.exists():  # a cached file that no longer matches (edited or corrupted): never use it
-        target.unlink()
-    _download(name, entry, target, sha, progress, retries, timeout)
-    return target
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive advisory lock on ``path`` while the block runs (POSIX; elsewhere no lock)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _fetch_official(name: str, entry: Mapping, target: Path, convert, progress: bool, retries: int,

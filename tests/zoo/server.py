@@ -68,3 +68,10 @@ class FileServer:
         self.httpd.shutdown()
         self.httpd.server_close()
         thread.join()
+
+
+def cached_files():
+    """What the zoo cache holds besides the lock files that serialise downloads."""
+    from zoo.download import cache_dir
+
+    return sorted(p.name for p in cache_dir().iterdir() if p.suffix != ".lock")

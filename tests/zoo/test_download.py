@@ -10,7 +10,7 @@ import mdeq  # noqa: F401
 from zoo.catalog import load_catalog
 from zoo.download import DownloadError, cache_dir, fetch, sha256_of
 
-from .server import FileServer
+from .server import FileServer, cached_files as _cached_files
 
 NAME = "mdeq_tiny.digits"
 
@@ -68,7 +68,7 @@ def test_a_corrupt_byte_is_an_error_and_nothing_is_cached(served):
     server.corrupt = True
     with pytest.raises(DownloadError, match=r"sha256 mismatch.*discarded"):
         fetch(NAME, progress=False)
-    assert not any(cache_dir().iterdir())  # neither the file nor a .part
+    assert not _cached_files()  # neither the file nor a .part
     assert len(server.requests) == 1  # a source serving wrong bytes is not retried
 
 

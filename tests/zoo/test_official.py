@@ -15,7 +15,7 @@ from mdeq.models.convert import to_official_state_dict
 from zoo.catalog import load_catalog
 from zoo.download import DownloadError, cache_dir
 
-from .server import FileServer
+from .server import FileServer, cached_files as _cached_files
 
 
 def _official_bytes(state_dict, prefix=""):
@@ -61,7 +61,7 @@ def test_fake_official_classifier_is_converted_verified_cached_and_loads(setup, 
     model = timm.create_model("mdeq_tiny.fake_official", pretrained=True)
     for k, v in source.state_dict().items():
         assert torch.equal(model.state_dict()[k], v), k
-    files = sorted(p.name for p in cache_dir().iterdir())
+    files = _cached_files()
     assert files == ["mdeq_tiny_fake_official.safetensors", "mdeq_tiny_fake_official.safetensors.sha256"]
     server.stop()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -83,7 +83,7 @@ def test_a_web_page_or_another_architecture_is_refused_and_discarded(setup):
         timm.create_model("mdeq_tiny.page", pretrained=True)
     with pytest.raises(DownloadError, match=r"holds mdeq_cifar_large \(cls\), the catalog entry is mdeq_tiny"):
         timm.create_model("mdeq_tiny.wrong", pretrained=True)
-    assert not any(cache_dir().iterdir())
+    assert not _cached_files()
 
 
 def test_an_upstream_sha256_mismatch_is_an_error(setup):
@@ -92,7 +92,7 @@ def test_an_upstream_sha256_mismatch_is_an_error(setup):
     overlay({"mdeq_tiny.pinned": _entry("mdeq_tiny.pinned", server.url("/tiny.pkl"), "0" * 64)})
     with pytest.raises(DownloadError, match="sha256 mismatch"):
         timm.create_model("mdeq_tiny.pinned", pretrained=True)
-    assert not any(cache_dir().iterdir())
+    assert not _cached_files()
 
 
 def test_fake_official_cityscapes_checkpoint_loads_into_the_segmentation_model(setup):
