@@ -6,12 +6,9 @@ dropping for another ``num_classes``, ``in_chans`` adaptation, ``features_only``
 """
 from __future__ import annotations
 
-import logging
 from typing import Any, Dict, Optional, Tuple
 
 __all__ = ["catalog_cfgs", "resolve_catalog_weights", "official_converter", "fetch_segmentation_weights"]
-
-_log = logging.getLogger(__name__)
 
 
 def _catalog() -> Dict[str, Dict]:
@@ -53,8 +50,9 @@ def resolve_catalog_weights(variant: str, pretrained_cfg: Any,
         tag = getattr(pretrained_cfg, "tag", None) or (pretrained_cfg.get("tag") if isinstance(pretrained_cfg, dict)
                                                        else None)
     catalog = _catalog()
-    if tag is None:  # timm's default tag: the first catalog entry of this architecture
-        tag = next((n.split(".", 1)[1] for n in catalog if n.split(".", 1)[0] == variant), None)
+    if tag is None:  # timm's default tag: the first classification entry of this architecture
+        tag = next((n.split(".", 1)[1] for n, e in catalog.items() if n.split(".", 1)[0] == variant
+                    and e.get("task", "classification") == "classification"), None)
     name = f"{variant}.{tag}"
     if tag is None or name not in catalog:
         return None

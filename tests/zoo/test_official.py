@@ -109,3 +109,12 @@ def test_fake_official_cityscapes_checkpoint_loads_into_the_segmentation_model(s
     other = mdeq.create_segmentation_model("mdeq_small", num_classes=5, pretrained="cityscapes_official")
     assert other.last_layer[3].weight.shape[0] == 5  # a new classifier; the rest is the checkpoint
     assert torch.equal(other.last_layer[0].weight, source.last_layer[0].weight)
+
+
+def test_the_default_tag_is_the_classification_entry(tmp_path, monkeypatch):
+    """mdeq_small has Cityscapes and ImageNet entries: pretrained=True means the ImageNet classifier."""
+    monkeypatch.setenv("MDEQ_ZOO_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("MDEQ_ZOO_CATALOG", raising=False)
+    with pytest.raises(DownloadError, match=r"mdeq_small\.in1k_official .*\n.*drive\.google\.com.*HF_HUB_OFFLINE"):
+        timm.create_model("mdeq_small", pretrained=True)
