@@ -89,11 +89,9 @@ def _evaluate(args, env) -> dict:
             root = loaded.config["data"]["root"]
         else:
             raise SystemExit("--data-root is required: an ImageFolder root with a val/<class>/ split")
-    overrides = dict(input_size=args.input_size, crop_pct=args.crop_pct)
-    data_cfg = dict(loaded.data_cfg) if loaded.data_cfg else resolve_data_cfg(model)
-    data_cfg.update(resolve_data_cfg(model, {**{k: data_cfg.get(k) for k in ("input_size", "crop_pct",
-                                                                              "interpolation", "mean", "std")},
-                                             **{k: v for k, v in overrides.items() if v is not None}}))
+    # the run's training data config (else the model's pretrained cfg), then the command line's overrides
+    data_cfg = resolve_data_cfg(model, {**(loaded.data_cfg or {}), "input_size": args.input_size,
+                                        "crop_pct": args.crop_pct})
     class_to_idx = {c: i for i, c in enumerate(loaded.classes)} if loaded.classes else None
     dataset = ImageFolderDataset(find_split(root, args.split), transform=build_transform(data_cfg, False),
                                  class_to_idx=class_to_idx)

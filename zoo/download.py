@@ -189,22 +189,24 @@ def _install(tmp: Path, target: Path, sha: Optional[str]) -> None:
     os.replace(tmp, target)
 
 
+def _copy_in(path: os.PathLike, target: Path, sha: Optional[str]) -> None:
+    tmp = target.with_name(target.name + ".part")
+    shutil.copyfile(path, tmp)
+    _install(tmp, target, sha)
+
+
 def _from_package(src: Mapping, target: Path, sha: str, size, progress: bool, timeout: float) -> None:
     path = PACKAGE_ROOT / src["path"]
     if not path.is_file():
         raise FileNotFoundError(f"{path} is not in this installation")
-    tmp = target.with_name(target.name + ".part")
-    shutil.copyfile(path, tmp)
-    _install(tmp, target, sha)
+    _copy_in(path, target, sha)
 
 
 def _from_hf(src: Mapping, target: Path, sha: str, size, progress: bool, timeout: float) -> None:
     from huggingface_hub import hf_hub_download
 
-    path = hf_hub_download(repo_id=src["repo_id"], filename=src["filename"], revision=src.get("revision"))
-    tmp = target.with_name(target.name + ".part")
-    shutil.copyfile(path, tmp)
-    _install(tmp, target, sha)
+    _copy_in(hf_hub_download(repo_id=src["repo_id"], filename=src["filename"], revision=src.get("revision")),
+             target, sha)
 
 
 def _from_url(src: Mapping, target: Path, sha: str, size, progress: bool, timeout: float) -> None:

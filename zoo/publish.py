@@ -3,13 +3,12 @@ the catalog entry, and MODEL_CARDS.md generated from the catalog. Pure file work
 ``tools/publish_weights.py`` tool) builds the model, checks the weights load, and measures it."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
-from .catalog import CATALOG_PATH, load_catalog, save_catalog, validate_entry
+from .catalog import load_catalog, save_catalog, validate_entry
 from .download import sha256_of
 
 __all__ = ["model_card", "model_cards_markdown", "write_model_cards", "add_to_catalog", "upload_folder",
@@ -18,13 +17,12 @@ __all__ = ["model_card", "model_cards_markdown", "write_model_cards", "add_to_ca
 MODEL_CARDS_PATH = Path(__file__).resolve().parents[1] / "MODEL_CARDS.md"
 PACKAGE_WEIGHTS = Path(__file__).resolve().parent / "weights"
 
-_CITATION = """@inproceedings{bai2020multiscale,
+DEFAULT_CITATION = """@inproceedings{bai2020multiscale,
   title     = {Multiscale Deep Equilibrium Models},
   author    = {Bai, Shaojie and Koltun, Vladlen and Kolter, J. Zico},
   booktitle = {Advances in Neural Information Processing Systems (NeurIPS)},
   year      = {2020}
 }"""
-DEFAULT_CITATION = _CITATION
 
 
 def _fmt_metrics(entry: Mapping[str, Any]) -> List[str]:

@@ -91,10 +91,6 @@ def to_markdown(result: Dict) -> str:
 
 
 def save(result: Dict, out_dir: Path) -> Dict[str, Path]:
-    import json
+    from .report import save_report
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "models.json", "markdown": out_dir / "models.md"}
-    paths["json"].write_text(json.dumps(result, indent=2))
-    paths["markdown"].write_text(to_markdown(result))
-    return paths
+    return save_report(result, out_dir, "models", to_markdown)

@@ -25,7 +25,6 @@ When ``torchdeq`` (PyPI) is importable, its ``fixed_point_iter``, ``anderson`` (
 from __future__ import annotations
 
 import ctypes
-import json
 import platform
 import statistics
 import time
@@ -240,9 +239,7 @@ def to_markdown(result: Dict) -> str:
 
 
 def save(result: Dict, out_dir: Path) -> Dict[str, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "solvers.json", "markdown": out_dir / "solvers.md"}
-    paths["json"].write_text(json.dumps(result, indent=2))
-    paths["markdown"].write_text(to_markdown(result))
-    return paths
+    from .report import save_report
+
+    return save_report(result, out_dir, "solvers", to_markdown)
 

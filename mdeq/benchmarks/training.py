@@ -176,8 +176,6 @@ def to_markdown(result: Dict) -> str:
 
 
 def save(result: Dict, out_dir: Path, name: str = "training") -> Dict[str, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / f"{name}.json", "markdown": out_dir / f"{name}.md"}
-    paths["json"].write_text(json.dumps(result, indent=2))
-    paths["markdown"].write_text(to_markdown(result))
-    return paths
+    from .report import save_report
+
+    return save_report(result, out_dir, name, to_markdown)

@@ -48,8 +48,8 @@ def evaluate_classifier(model: nn.Module, loader: Iterable, env: DistEnv, amp_dt
     was_training = model.training
     model.eval()
     stats_model = stats_model or model
-    sums = torch.zeros(6, dtype=torch.float64)  # correct1, correct5, loss, count, nstep, rel, (abs below)
-    abs_sum = 0.0
+    # correct@1, correct@5, loss, count, steps, rel. residual, abs. residual: summed on the device, read once
+    sums = torch.zeros(7, dtype=torch.float64, device=env.device)
     bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not (progress and env.is_main))
     for images, targets in bar:
         images = images.to(env.device, non_blocking=True)
@@ -59,22 +59,14 @@ def evaluate_classifier(model: nn.Module, loader: Iterable, env: DistEnv, amp_dt
         with autocast_context(env.device, amp_dtype):
             logits = model(images)
         logits = logits.float()
-        k = min(5, logits.shape[1])
-        top = logits.topk(k, dim=1).indices
-        hit = top.eq(targets[:, None])
-        n = targets.numel()
-        sums[0] += hit[:, :1].sum().item()
-        sums[1] += hit.any(dim=1).sum().item()
-        sums[2] += F.cross_entropy(logits, targets, reduction="sum").item()
-        sums[3] += n
+        hit = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(targets[:, None])
+        batch = [hit[:, 0].sum(), hit.any(dim=1).sum(), F.cross_entropy(logits, targets, reduction="sum"),
+                 torch.tensor(targets.numel(), device=env.device)]
         stats = getattr(stats_model, "deq_stats", None)
         if stats is not None:
-            sums[4] += stats.nstep.double().sum().item()
-            sums[5] += stats.rel_residual.double().sum().item()
-            abs_sum += stats.abs_residual.double().sum().item()
-        if env.is_main and sums[3] > 0:
-            bar.set_postfix(top1=f"{100 * sums[0].item() / sums[3].item():.2f}")
-    c1, c5, loss, count, nstep, rel, absr = all_reduce_sum(sums.tolist() + [abs_sum], env)
+            batch += [stats.nstep.sum(), stats.rel_residual.sum(), stats.abs_residual.sum()]
+        sums[:len(batch)] += torch.stack([b.double().to(env.device) for b in batch])
+    c1, c5, loss, count, nstep, rel, absr = all_reduce_sum(sums.tolist(), env)
     model.train(was_training)
     if count == 0:
         raise ValueError("the evaluation set is empty")

@@ -13,7 +13,7 @@ from torch import nn
 from ..models.convert import infer_preset, load_converted
 from .checkpoint import load_checkpoint
 from .deq_schedule import DEQSchedule
-from .weights import read_state_dict
+from .weights import read_state_dict, state_dict_from
 
 __all__ = ["LoadedModel", "load_model_for_eval"]
 
@@ -47,7 +47,8 @@ def load_model_for_eval(source: str, model_name: Optional[str] = None, num_class
             return _from_training_checkpoint(path, raw, use_ema)
         if use_ema:
             raise ValueError(f"--ema needs a training checkpoint with EMA weights; {path} is a plain weights file")
-        return _from_weights_file(path, model_name, num_classes)
+        sd = state_dict_from(raw, path) if raw is not None else read_state_dict(path)
+        return _from_weights_file(path, sd, model_name, num_classes)
     if path.suffix in (".pth", ".pt", ".pkl", ".bin", ".safetensors", ".tar") or "/" in source:
         raise FileNotFoundError(f"{source} does not exist (expected a checkpoint or weights file, or a timm model "
                                 f"name such as mdeq_small.<tag>)")
@@ -74,8 +75,8 @@ def _from_training_checkpoint(path: Path, ckpt: Dict[str, Any], use_ema: bool) -
                        step=step)
 
 
-def _from_weights_file(path: Path, model_name: Optional[str], num_classes: Optional[int]) -> LoadedModel:
-    sd = read_state_dict(path)
+def _from_weights_file(path: Path, sd: Dict[str, torch.Tensor], model_name: Optional[str],
+                       num_classes: Optional[int]) -> LoadedModel:
     if model_name is None:
         name, task, n = infer_preset(sd)
         if task != "cls":

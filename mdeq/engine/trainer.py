@@ -27,7 +27,6 @@ from typing import Any, Dict, List, Mapping, Optional
 import numpy as np
 import timm
 import torch
-import torch.nn.functional as F
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
@@ -44,7 +43,7 @@ from ..data.classification import (
 )
 from ..data.digits import prepare_digits
 from .checkpoint import CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state, save_atomic
-from .deq_schedule import DEQ_MODE, PRETRAIN, DEQSchedule, JacobianSchedule
+from .deq_schedule import PRETRAIN, DEQSchedule, JacobianSchedule
 from .distributed import DistEnv, all_reduce_sum
 from .evaluate import EvalResult, autocast_context, evaluate_classifier
 from .run_logger import RunLogger, write_json_atomic

@@ -8,9 +8,10 @@ from typing import Dict, List, Mapping, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ..models.convert import StateDictMismatch, convert_official_state_dict, is_official_state_dict
+from ..models.convert import (StateDictMismatch, _describe_mismatch, _shapes, convert_official_state_dict,
+                              is_official_state_dict)
 
-__all__ = ["read_state_dict", "load_backbone_weights"]
+__all__ = ["read_state_dict", "state_dict_from", "load_backbone_weights"]
 
 
 def read_state_dict(path: Union[str, Path], prefer_ema: bool = False) -> Dict[str, torch.Tensor]:
@@ -31,6 +32,11 @@ def read_state_dict(path: Union[str, Path], prefer_ema: bool = False) -> Dict[st
             sd = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise ValueError(f"cannot read weights from {path}: {type(e).__name__}: {e}") from e
+    return state_dict_from(sd, path, prefer_ema)
+
+
+def state_dict_from(sd: object, path: Union[str, Path], prefer_ema: bool = False) -> Dict[str, torch.Tensor]:
+    """The model state dict inside an already loaded file's content (see ``read_state_dict``)."""
     if isinstance(sd, Mapping) and "model" in sd and isinstance(sd["model"], Mapping):  # a training checkpoint
         sd = sd["model_ema"] if prefer_ema and isinstance(sd.get("model_ema"), Mapping) else sd["model"]
     if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
@@ -56,19 +62,9 @@ def load_backbone_weights(model: nn.Module, state_dict: Mapping[str, torch.Tenso
     fresh = [k for k in head_keys if k not in state_dict or state_dict[k].shape != own[k].shape]
     skipped = [k for k in state_dict if k not in own and any(k.startswith(h + ".") for h in head_names)]
     body = {k: v for k, v in state_dict.items() if k not in fresh and k not in skipped}
-    missing = [k for k in own if k not in body and k not in fresh]
-    unexpected = [k for k in body if k not in own]
-    wrong = [f"{k}: {tuple(body[k].shape)} in the file, {tuple(own[k].shape)} in the model"
-             for k in body if k in own and body[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        lines = []
-        if missing:
-            lines.append(f"missing in the file ({len(missing)}): {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-        if unexpected:
-            lines.append(f"not in the model ({len(unexpected)}): {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
-        if wrong:
-            lines.append(f"wrong shapes ({len(wrong)}): {wrong[:5]}{' ...' if len(wrong) > 5 else ''}")
-        raise StateDictMismatch("the weights do not fit this model (another architecture or preset?):\n  "
-                                + "\n  ".join(lines))
+    expected = {k: v for k, v in _shapes(own).items() if k not in fresh}
+    mismatch = _describe_mismatch(expected, _shapes(body), limit=8)
+    if mismatch != "matches":
+        raise StateDictMismatch(f"the weights do not fit this model (another architecture or preset?): {mismatch}")
     model.load_state_dict(body, strict=False)
     return fresh, skipped

@@ -51,7 +51,8 @@ def test_outputs_metrics_and_report(trained_run):
         assert isinstance(m[key], float) and math.isfinite(m[key]), key
     assert 0.0 <= m["val_top1"] <= m["val_top5"] <= 100.0
     assert m["val_count"] == 30 and m["steps"] == 12 and m["epochs"] == 2 and m["phase"] == "deq"
-    assert 1.0 <= m["deq_nstep_mean"] <= 3.0 and 0.0 < m["deq_rel_residual_mean"] < 1.0
+    assert m["deq_nstep_mean"] == 3.0  # f_thres: tol 1e-3 is out of reach in 3 steps, so every image uses all
+    assert 0.0 < m["deq_rel_residual_mean"] < 1.0
     assert m["train_seconds"] > 0
     assert f"val top-1 {m['val_top1']:.2f}%" in proc.stdout and "metrics.json" in proc.stdout
     ck = load_checkpoint(run_dir / "checkpoints" / "last.pth")
