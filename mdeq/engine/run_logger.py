@@ -67,6 +67,11 @@ class RunLogger:
         if self.writer is not None:
             self.writer.add_text(tag, text, step)
 
+    def image(self, tag: str, image: Any, step: int) -> None:
+        """An (H, W, 3) uint8 RGB image (e.g. a prediction next to its ground truth)."""
+        if self.writer is not None:
+            self.writer.add_image(tag, image, step, dataformats="HWC")
+
     def hparams(self, config: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
         """The run's config as TensorBoard hparams with its final metrics (HPARAMS tab)."""
         if self.writer is None:

@@ -11,7 +11,10 @@ from torch import nn
 from ..models.convert import (StateDictMismatch, _describe_mismatch, _shapes, convert_official_state_dict,
                               is_official_state_dict)
 
-__all__ = ["read_state_dict", "state_dict_from", "load_backbone_weights"]
+__all__ = ["read_state_dict", "state_dict_from", "load_backbone_weights", "FREEZE_GROUPS", "freeze_groups"]
+
+# parts of an MDEQ model that fine-tuning can freeze (requires_grad off, BatchNorm in eval mode)
+FREEZE_GROUPS = {"stem": ["downsample", "stage0"], "cell": ["fullstage"]}
 
 
 def read_state_dict(path: Union[str, Path], prefer_ema: bool = False) -> Dict[str, torch.Tensor]:
@@ -68,3 +71,16 @@ def load_backbone_weights(model: nn.Module, state_dict: Mapping[str, torch.Tenso
         raise StateDictMismatch(f"the weights do not fit this model (another architecture or preset?): {mismatch}")
     model.load_state_dict(body, strict=False)
     return fresh, skipped
+
+
+def freeze_groups(model: nn.Module, groups: Sequence[str]) -> None:
+    """Freeze the named ``FREEZE_GROUPS`` of ``model`` (timm.utils.freeze: no gradients, BatchNorm frozen)."""
+    groups = list(groups or [])
+    unknown = sorted(set(groups) - set(FREEZE_GROUPS))
+    if unknown:
+        raise ValueError(f"model.freeze accepts {sorted(FREEZE_GROUPS)}, got {unknown}")
+    modules = [m for g in groups for m in FREEZE_GROUPS[g] if getattr(model, m, None) is not None]
+    if modules:
+        from timm.utils import freeze
+
+        freeze(model, modules)
