@@ -1,0 +1,202 @@
+"""A generated street-scene dataset written in the official Cityscapes layout (the default segmentation data).
+
+Real Cityscapes cannot be redistributed, so tests, demos and the default segmentation job use procedurally
+drawn scenes instead: sky, buildings, vegetation, road, sidewalk, cars, persons and poles, plus void regions
+(unlabeled, ego vehicle, out of roi, static, ground) stored with their REAL label ids, so the labelIds ->
+trainIds mapping and the ignore handling are exercised exactly as on the real data. Each pixel takes its
+class's Cityscapes colour with per-image brightness, per-class tint, smooth texture and per-pixel noise: a
+small CNN can learn it (colour mostly predicts the class) but it is not trivially constant.
+Everything is seeded, so the same arguments write byte-identical files.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import zlib
+from pathlib import Path
+from types import MappingProxyType
+from typing import Mapping, Sequence, Tuple, Union
+
+import numpy as np
+from PIL import Image
+
+from .cityscapes import _LABELS, label_id_to_train_id
+
+__all__ = ["make_synthetic_cityscapes", "prepare_synthetic_cityscapes", "default_synthetic_root",
+           "SYNTHETIC_VERSION", "SYNTHETIC_SPLITS", "SYNTHETIC_SIZE"]
+
+SYNTHETIC_VERSION = 1  # bump when the generator's output changes; the cache folder is versioned
+SYNTHETIC_SPLITS: Mapping[str, int] = MappingProxyType({"train": 96, "val": 24})
+SYNTHETIC_SIZE = (128, 256)
+
+# label ids drawn (official ids, not train ids)
+UNLABELED, EGO, OUT_OF_ROI, STATIC, GROUND = 0, 1, 3, 4, 6
+ROAD, SIDEWALK, BUILDING, POLE, VEGETATION, SKY, PERSON, CAR = 7, 8, 11, 17, 21, 23, 24, 26
+
+_COLORS = np.zeros((256, 3), dtype=np.float32)
+for _c in _LABELS:
+    if _c.id >= 0:
+        _COLORS[_c.id] = _c.color
+# void classes are black in the official table; give them distinct grey-ish tones so they are not all alike
+_COLORS[[UNLABELED, EGO, OUT_OF_ROI, STATIC, GROUND]] = [(96, 96, 96), (40, 40, 46), (22, 22, 22),
+                                                          (128, 118, 108), (104, 88, 100)]
+
+
+def _rect(lab: np.ndarray, y0: float, y1: float, x0: float, x1: float, value: int) -> None:
+    h, w = lab.shape
+    y0, y1 = max(0, int(round(y0))), min(h, int(round(y1)))
+    x0, x1 = max(0, int(round(x0))), min(w, int(round(x1)))
+    if y0 < y1 and x0 < x1:
+        lab[y0:y1, x0:x1] = value
+
+
+def _draw_labels(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """One street-like scene as official label ids (uint8 H x W)."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    lab = np.full((h, w), SKY, dtype=np.uint8)
+    horizon = int(h * rng.uniform(0.4, 0.52))
+    x = 0.0
+    while x < w:  # a row of buildings standing on the horizon
+        bw = rng.uniform(0.08, 0.25) * w
+        if rng.random() < 0.8:
+            _rect(lab, h * rng.uniform(0.04, 0.3), horizon, x, x + bw, BUILDING)
+        x += bw
+    for _ in range(int(rng.integers(1, 4))):  # trees
+        cx, cy = rng.uniform(0, w), rng.uniform(0.2 * h, horizon)
+        rx, ry = rng.uniform(0.05, 0.15) * w, rng.uniform(0.06, 0.16) * h
+        lab[((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1] = VEGETATION
+    # ground plane: a road widening towards the viewer, sidewalks left and right
+    vp = w * rng.uniform(0.4, 0.6)
+    depth = np.clip((yy - horizon) / max(1, h - horizon), 0, 1)
+    half = (0.06 + 0.55 * depth) * w
+    below = yy >= horizon
+    lab[below] = ROAD
+    lab[below & (np.abs(xx - vp) > half)] = SIDEWALK
+    if rng.random() < 0.5:  # an unpaved verge ('ground', void) on one side
+        side = xx < vp - half * 1.6 if rng.random() < 0.5 else xx > vp + half * 1.6
+        lab[below & side] = GROUND
+    for _ in range(int(rng.integers(0, 3))):  # void clutter ('static') on the pavement
+        y1 = rng.uniform(horizon + 0.2 * (h - horizon), h)
+        x0 = rng.choice([rng.uniform(0, 0.2), rng.uniform(0.8, 1.0)]) * w
+        _rect(lab, y1 - rng.uniform(0.03, 0.08) * h, y1, x0, x0 + rng.uniform(0.02, 0.06) * w, STATIC)
+    for _ in range(int(rng.integers(1, 4))):  # poles standing on the sidewalk
+        px = rng.choice([rng.uniform(0.02, 0.25), rng.uniform(0.75, 0.98)]) * w
+        _rect(lab, h * rng.uniform(0.08, 0.3), horizon + rng.uniform(0.1, 0.5) * (h - horizon), px,
+              px + max(1.0, w * rng.uniform(0.005, 0.012)), POLE)
+    for _ in range(int(rng.integers(0, 4))):  # people: tall ellipses on the sidewalks
+        t = rng.uniform(0.15, 0.8)
+        base = horizon + t * (h - horizon)
+        ph = (0.1 + 0.3 * t) * h
+        px = vp + rng.choice([-1, 1]) * (0.06 + 0.55 * t) * w * rng.uniform(1.1, 1.5)
+        lab[((xx - px) / (ph * 0.18)) ** 2 + ((yy - (base - ph / 2)) / (ph / 2)) ** 2 <= 1] = PERSON
+    for _ in range(int(rng.integers(1, 4))):  # cars on the road, larger when nearer
+        t = rng.uniform(0.1, 0.8)
+        bottom = horizon + t * (h - horizon)
+        ch = (0.06 + 0.25 * t) * h
+        cw = ch * rng.uniform(1.4, 2.2)
+        cx = vp + rng.uniform(-0.7, 0.7) * (0.06 + 0.55 * t) * w
+        _rect(lab, bottom - ch, bottom, cx - cw / 2, cx + cw / 2, CAR)
+        _rect(lab, bottom - ch * 1.45, bottom - ch + 1, cx - cw * 0.3, cx + cw * 0.3, CAR)  # cabin
+    # ego vehicle: the bonnet, a low arc along the bottom edge
+    ego = rng.uniform(0.05, 0.1) * h
+    lab[yy >= h - ego * (0.6 + 0.4 * (1 - ((xx - w / 2) / (w / 2)) ** 2))] = EGO
+    if rng.random() < 0.5:  # out-of-roi frame at the left and right borders
+        b = int(rng.integers(1, 3))
+        lab[:, :b] = OUT_OF_ROI
+        lab[:, w - b:] = OUT_OF_ROI
+    if rng.random() < 0.5:  # a patch nobody labelled
+        y0, x0 = rng.uniform(0.2, 0.8) * h, rng.uniform(0, 0.9) * w
+        _rect(lab, y0, y0 + rng.uniform(0.03, 0.08) * h, x0, x0 + rng.uniform(0.03, 0.08) * w, UNLABELED)
+    return lab
+
+
+def _render(rng: np.random.Generator, lab: np.ndarray) -> np.ndarray:
+    """RGB uint8 pixels for a label map: class colour, per-class tint, brightness, smooth texture, noise."""
+    h, w = lab.shape
+    tint = rng.normal(0.0, 8.0, size=(256, 3)).astype(np.float32)
+    img = _COLORS[lab] + tint[lab]
+    coarse = rng.normal(0.0, 1.0, size=(max(2, h // 8), max(2, w // 8))).astype(np.float32)
+    texture = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BILINEAR), dtype=np.float32)
+    img += 10.0 * texture[..., None]
+    img *= rng.uniform(0.75, 1.25)
+    img += rng.normal(0.0, 6.0, size=img.shape).astype(np.float32)
+    return np.clip(np.round(img), 0, 255).astype(np.uint8)
+
+
+def make_synthetic_cityscapes(root: Union[str, Path], splits: Mapping[str, int] = MappingProxyType({"train": 48,
+                                                                                                   "val": 12}),
+                              size: Tuple[int, int] = (128, 256), seed: int = 0,
+                              cities: Sequence[str] = ("aachen", "bremen"), write_train_ids: bool = False) -> Path:
+    """Write ``root/leftImg8bit/<split>/<city>/<city>_<seq>_000019_leftImg8bit.png`` and the matching
+    ``root/gtFine/.../*_gtFine_labelIds.png`` (plus ``*_gtFine_labelTrainIds.png`` if ``write_train_ids``).
+
+    Images are ``size`` = (H, W); sample ``i`` of a split goes to city ``cities[i % len(cities)]`` and is
+    drawn from a generator seeded by (seed, split name, i), so a split's content does not depend on the others.
+    """
+    h, w = (int(v) for v in size)
+    if h < 16 or w < 16:
+        raise ValueError(f"size must be at least 16x16 (H, W), got {tuple(size)}")
+    cities = [str(c) for c in cities]
+    if not cities or any(not c or "/" in c or "_" in c for c in cities):
+        raise ValueError(f"cities must be non-empty names without '/' or '_', got {cities}")
+    for split, n in splits.items():
+        if int(n) < 0 or not split or "/" in split:
+            raise ValueError(f"bad split {split!r}: {n} images")
+    root = Path(root)
+    train_lut = label_id_to_train_id()
+    for split, n in splits.items():
+        split_key = zlib.crc32(split.encode("utf-8"))  # stable across runs (unlike hash())
+        for i in range(int(n)):
+            rng = np.random.default_rng(np.random.SeedSequence([int(seed), split_key, i]))
+            lab = _draw_labels(rng, h, w)
+            img = _render(rng, lab)
+            city = cities[i % len(cities)]
+            stem = f"{city}_{i // len(cities):06d}_{19:06d}"
+            image_dir, label_dir = root / "leftImg8bit" / split / city, root / "gtFine" / split / city
+            image_dir.mkdir(parents=True, exist_ok=True)
+            label_dir.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(image_dir / f"{stem}_leftImg8bit.png", compress_level=1)  # noisy: fast
+            Image.fromarray(lab).save(label_dir / f"{stem}_gtFine_labelIds.png")
+            if write_train_ids:
+                Image.fromarray(train_lut[lab]).save(label_dir / f"{stem}_gtFine_labelTrainIds.png")
+    return root
+
+
+def default_synthetic_root() -> Path:
+    """``$MDEQ_DATA`` or ``~/.cache/mdeq-zoo/data``, plus ``synthetic-cityscapes-v<version>``."""
+    base = os.environ.get("MDEQ_DATA") or os.path.join(os.path.expanduser("~"), ".cache", "mdeq-zoo", "data")
+    return Path(base) / f"synthetic-cityscapes-v{SYNTHETIC_VERSION}"
+
+
+def prepare_synthetic_cityscapes(root: Union[str, Path, None] = None) -> Path:
+    """The default synthetic set (train 96 / val 24 at 128x256, seed 0, labelIds only) under ``root``, written
+    once; returns ``root``.
+
+    Built in a temporary sibling folder and renamed into place, so an interrupted run never leaves a
+    half-written dataset behind (a complete tree has a ``.complete`` marker) and concurrent callers (DDP
+    ranks) agree on one copy.
+    """
+    root = Path(root) if root is not None else default_synthetic_root()
+    if (root / ".complete").is_file():
+        return root
+    if root.exists() and any(root.iterdir()):
+        raise FileExistsError(f"{root} exists but is not a complete synthetic Cityscapes cache (no .complete "
+                              f"marker); delete it or pass another data.root")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+    try:
+        make_synthetic_cityscapes(tmp, splits=SYNTHETIC_SPLITS, size=SYNTHETIC_SIZE, seed=0)
+        (tmp / ".complete").write_text(
+            f"synthetic Cityscapes v{SYNTHETIC_VERSION}: {dict(SYNTHETIC_SPLITS)} images of "
+            f"{SYNTHETIC_SIZE[0]}x{SYNTHETIC_SIZE[1]}, seed 0, labelIds\n")
+        try:
+            if root.exists():
+                root.rmdir()  # empty (checked above), unless another process just put its copy here
+            os.replace(tmp, root)
+        except OSError:
+            if not (root / ".complete").is_file():  # not simply another process finishing first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
