@@ -24,14 +24,22 @@ OFFICIAL = {
 }
 
 
-def _compose(experiment):
+# Cityscapes (seg_mdeq_*.yaml, v2; notes §2.2/2.4): (preset, pretrain steps, wd, batch per GPU, crop, backbone)
+SEG_OFFICIAL = {
+    "cityscapes_small": ("mdeq_small", 60000, 2e-4, 3, [512, 1024], "mdeq_small.in1k_official"),
+    "cityscapes_large": ("mdeq_large", 60000, 3e-4, 3, [512, 1024], None),  # no ImageNet LARGE weights released
+    "cityscapes_xl": ("mdeq_xl", 40000, 3e-4, 2, [768, 1024], "mdeq_xl.in1k_official"),
+}
+
+
+def _compose(experiment, app="train_cls"):
     from hydra import compose, initialize_config_dir
 
     from mdeq.engine.app import register_resolvers
 
     register_resolvers()
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        return compose("train_cls", overrides=[f"experiment={experiment}"])
+        return compose(app, overrides=[f"experiment={experiment}"])
 
 
 @pytest.mark.parametrize("name", sorted(OFFICIAL))
@@ -54,6 +62,34 @@ def test_experiment_reproduces_the_official_recipe(name):
         assert c.deq.rand_f_thres_delta == 2 and c.jac.stop_epoch == 90
 
 
+@pytest.mark.parametrize("name", sorted(SEG_OFFICIAL))
+def test_cityscapes_experiment_reproduces_the_official_recipe(name):
+    preset, pre, wd, batch, crop, backbone = SEG_OFFICIAL[name]
+    c = _compose(name, "train_seg")
+    assert c.recipe == name and c.task == "segmentation" and c.model.task == c.data.task == "segmentation"
+    assert c.model.name == preset and c.model.backbone == backbone and dict(c.model.kwargs) == {}
+    assert (c.deq.solver, c.deq.b_solver, c.deq.f_thres, c.deq.b_thres, c.deq.stop_mode) == ("broyden", "broyden", 27,
+                                                                                            30, "abs")
+    assert c.deq.solver_options.memory == 27 and c.deq.b_solver_options.memory == 30 and c.deq.pretrain_steps == pre
+    assert (c.optim.opt, c.optim.lr, c.optim.momentum, c.optim.weight_decay) == ("momentum", 0.01, 0.9, wd)
+    assert (c.sched.sched, c.sched.min_lr, c.sched.step_on_epochs) == ("cosine", 1e-6, False)
+    assert c.data.name == "cityscapes" and c.data.batch_size == batch and list(c.data.crop_size) == crop
+    assert list(c.data.scale_range) == [0.5, 2.0] and c.data.flip
+    assert c.loss.class_weights == "cityscapes" and c.loss.ohem_thresh is None
+    assert c.train.epochs == 500 and c.train.sync_bn and c.inference.mode == "whole"
+
+
+def test_seg_option_groups():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        c = compose("train_seg", overrides=["experiment=cityscapes_small", "loss=ohem", "inference=ms_flip",
+                                            "sched=poly"])
+    assert (c.loss.ohem_thresh, c.loss.ohem_min_kept, c.loss.class_weights) == (0.9, 131072, "cityscapes")
+    assert list(c.inference.scales) == [0.5, 0.75, 1.0, 1.25, 1.5, 1.75] and c.inference.flip
+    assert (c.sched.sched, c.sched.decay_rate) == ("poly", 0.9)
+
+
 def test_every_experiment_file_is_covered():
     files = {p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml")}
-    assert files == set(OFFICIAL) | {"digits_tiny"}
+    assert files == set(OFFICIAL) | set(SEG_OFFICIAL) | {"digits_tiny", "synthetic_seg"}

@@ -2,6 +2,8 @@
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -31,3 +33,13 @@ def test_ci_runs_the_readme_test_command():
 def test_main_job_script_exists():
     script = _quickstart_commands()[0].split("&&", 1)[1].split()[1]
     assert (ROOT / script).is_file()
+
+
+def test_albumentations_1x_argument_names_fail_the_suite():
+    """albumentations 2.x ignores 1.x names (value=, mask_value=) with only a warning: mask pads would be 0
+    (road). setup.cfg turns that warning into an error for every test."""
+    import cv2
+    import albumentations as A
+
+    with pytest.raises(UserWarning, match="not valid"):
+        A.PadIfNeeded(min_height=8, min_width=8, border_mode=cv2.BORDER_CONSTANT, value=0, mask_value=255)

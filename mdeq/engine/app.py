@@ -9,7 +9,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from .distributed import DistEnv, broadcast_object, shared_run_stamp
 
-__all__ = ["register_resolvers", "plain_config", "resolve_output_dir", "setup_logging"]
+__all__ = ["register_resolvers", "plain_config", "resolve_output_dir", "setup_logging", "run_classification",
+           "run_segmentation"]
 
 
 def register_resolvers() -> None:
@@ -48,6 +49,10 @@ def run_classification(cfg: DictConfig, require_start_weights: bool = False) -> 
 
     config = plain_config(cfg)
     model, train = config["model"], config["train"]
+    for group in ("model", "data"):
+        if config[group].get("task") == "segmentation":
+            raise SystemExit(f"{group}={config[group].get('name')} is a segmentation config; train segmentation "
+                             f"models with tools/train_seg.py")
     if config.get("recipe") == "digits_tiny" and config["data"].get("name") != "digits":
         raise SystemExit(
             "experiment=digits_tiny (the default) is the recipe of the bundled digits job and would be applied to "
@@ -60,5 +65,31 @@ def run_classification(cfg: DictConfig, require_start_weights: bool = False) -> 
     try:
         setup_logging(env)
         return ClassificationTrainer(config, env, resolve_output_dir(config, env)).fit()
+    finally:
+        shutdown_distributed()
+
+
+def run_segmentation(cfg: DictConfig) -> Dict[str, Any]:
+    """The body of ``train_seg``: check the config is a segmentation one, join torchrun's group, train."""
+    import mdeq  # noqa: F401
+
+    from .distributed import init_distributed, shutdown_distributed
+    from .seg_trainer import SegmentationTrainer
+
+    config = plain_config(cfg)
+    for group in ("model", "data"):
+        if config[group].get("task") != "segmentation":
+            raise SystemExit(
+                f"{group}={config[group].get('name')} is a classification config; train_seg needs segmentation "
+                f"configs: model=seg_mdeq_small|seg_mdeq_large|seg_mdeq_xl, data=cityscapes|seg_folder|synthetic_seg")
+    if config.get("recipe") == "synthetic_seg" and config["data"].get("name") != "synthetic":
+        raise SystemExit(
+            "experiment=synthetic_seg (the default) is the recipe of the bundled generated data and would be applied "
+            f"to data={config['data'].get('name')}; choose an experiment (configs/experiment/, e.g. "
+            "experiment=cityscapes_small) or ~experiment and set model=, deq=, optim=, loss=, train.* yourself")
+    env = init_distributed(config["train"]["device"])
+    try:
+        setup_logging(env)
+        return SegmentationTrainer(config, env, resolve_output_dir(config, env)).fit()
     finally:
         shutdown_distributed()

@@ -126,7 +126,12 @@ class Trainer:
         self.model = self.build_model()
         _seed_everything(seed + env.rank)  # training randomness (dropout masks, probes, mixup) differs per rank
         self.setup_transforms()
-        if self.tcfg.get("sync_bn") and env.distributed:
+        self.sync_bn = bool(self.tcfg.get("sync_bn")) and env.distributed
+        if self.sync_bn and env.device.type == "cpu":  # torch's SyncBatchNorm runs on accelerators only
+            _log.warning("train.sync_bn: SyncBatchNorm needs GPUs; on CPU each process keeps its own BatchNorm "
+                         "statistics (averaged over the processes before every validation)")
+            self.sync_bn = False
+        if self.sync_bn:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.model.to(env.device)
         if self.channels_last:
@@ -528,7 +533,7 @@ class Trainer:
     def _prepare_eval(self, model: nn.Module) -> None:
         self.schedule.apply_eval(model, self.progress.step)
         self._precise_bn(model)
-        if self.env.distributed and not self.tcfg.get("sync_bn"):
+        if self.env.distributed and not self.sync_bn:
             distribute_bn(model, self.env.world_size, reduce=True)
 
     def _validate(self) -> Any:

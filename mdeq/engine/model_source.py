@@ -15,7 +15,7 @@ from .checkpoint import load_checkpoint
 from .deq_schedule import DEQSchedule
 from .weights import read_state_dict, state_dict_from
 
-__all__ = ["LoadedModel", "load_model_for_eval"]
+__all__ = ["LoadedModel", "load_model_for_eval", "load_segmentation_model_for_eval"]
 
 
 @dataclass
@@ -44,6 +44,9 @@ def load_model_for_eval(source: str, model_name: Optional[str] = None, num_class
             except Exception:
                 raw = None
         if isinstance(raw, dict) and "identity" in raw and "model" in raw:
+            if raw["identity"].get("task", "classification") != "classification":
+                raise ValueError(f"{path} is a {raw['identity']['task']} checkpoint; eval_cls evaluates classifiers "
+                                 f"(use tools/eval_seg.py)")
             return _from_training_checkpoint(path, raw, use_ema)
         if use_ema:
             raise ValueError(f"--ema needs a training checkpoint with EMA weights; {path} is a plain weights file")
@@ -89,3 +92,67 @@ def _from_weights_file(path: Path, sd: Dict[str, torch.Tensor], model_name: Opti
     model = timm.create_model(model_name, num_classes=num_classes)
     load_converted(model, sd)
     return LoadedModel(model=model, arch=model_name.split(".")[0], description=f"weights file {path}")
+
+
+def load_segmentation_model_for_eval(source: str, model_name: Optional[str] = None,
+                                     num_classes: Optional[int] = None, use_ema: bool = False) -> LoadedModel:
+    """A segmentation model from a ``train_seg`` checkpoint, a weights file (safetensors, state dict, or an
+    official Cityscapes checkpoint; the preset is inferred unless ``model_name`` is given) or a published
+    tag ``arch.tag`` (e.g. ``mdeq_small.cityscapes_official``)."""
+    from ..models.segmentation import create_segmentation_model, list_segmentation_models
+
+    path = Path(source)
+    if path.is_file():
+        raw = None
+        if path.suffix != ".safetensors":
+            try:
+                raw = load_checkpoint(path)
+            except Exception:
+                raw = None
+        if isinstance(raw, dict) and "identity" in raw and "model" in raw:
+            return _seg_from_training_checkpoint(path, raw, use_ema)
+        if use_ema:
+            raise ValueError(f"--ema needs a training checkpoint with EMA weights; {path} is a plain weights file")
+        sd = state_dict_from(raw, path) if raw is not None else read_state_dict(path)
+        if model_name is None:
+            model_name, task, _ = infer_preset(sd)
+            if task != "seg":
+                raise ValueError(f"{path} holds a classification model; eval_seg evaluates segmentation models")
+        if "last_layer.3.weight" not in sd:
+            raise ValueError(f"{path} has no segmentation head (last_layer.3.weight)")
+        classes = int(sd["last_layer.3.weight"].shape[0])
+        if num_classes is not None and num_classes != classes:
+            raise ValueError(f"{path} predicts {classes} classes, not {num_classes}")
+        model = create_segmentation_model(model_name, num_classes=classes)
+        load_converted(model, sd)
+        return LoadedModel(model=model, arch=model_name, description=f"weights file {path}")
+    if path.suffix in (".pth", ".pt", ".pkl", ".bin", ".safetensors", ".tar") or "/" in source:
+        raise FileNotFoundError(f"{source} does not exist (expected a checkpoint or weights file, or a published "
+                                f"tag such as mdeq_small.cityscapes_official)")
+    arch, _, tag = source.partition(".")
+    if arch not in list_segmentation_models():
+        raise ValueError(f"{source!r}: {arch!r} is not a segmentation preset ({list_segmentation_models()})")
+    model = create_segmentation_model(arch, num_classes=num_classes or 19, pretrained=tag or True)
+    return LoadedModel(model=model, arch=arch, description=f"published weights {source}")
+
+
+def _seg_from_training_checkpoint(path: Path, ckpt: Dict[str, Any], use_ema: bool) -> LoadedModel:
+    from ..models.segmentation import create_segmentation_model
+    from .trainer import build_schedule
+
+    ident, cfg = ckpt["identity"], ckpt["config"]
+    if ident.get("task") != "segmentation":
+        raise ValueError(f"{path} is a {ident.get('task', 'classification')} checkpoint; eval_seg evaluates "
+                         f"segmentation models (use tools/eval_cls.py)")
+    model = create_segmentation_model(ident["arch"], num_classes=ident["num_classes"], **ident.get("model_kwargs", {}))
+    weights = ckpt["model"]
+    if use_ema:
+        if ckpt.get("model_ema") is None:
+            raise ValueError(f"{path} has no EMA weights (the run had train.ema.enabled=false)")
+        weights = ckpt["model_ema"]
+    model.load_state_dict(weights)
+    schedule = build_schedule(cfg, model)
+    step = int(ckpt["progress"]["step"])
+    return LoadedModel(model=model, arch=ident["arch"], description=f"training checkpoint {path} (step {step})",
+                       classes=ckpt.get("classes"), data_cfg=ckpt.get("data_cfg"), config=cfg, schedule=schedule,
+                       step=step, extra=dict(palette=ckpt.get("palette"), ignore_index=ckpt.get("ignore_index")))
