@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmarks of mdeq-zoo. Usage: python tools/benchmark.py {solvers,models,train} [options] [--out DIR]
+"""Benchmarks of mdeq-zoo. Usage: python tools/benchmark.py {solvers,models,train,seg} [options] [--out DIR]
 
 solvers   f-evaluations, wall time and solver-overhead ratio of every solver on a fixed suite
           (see mdeq/benchmarks/solvers.py for the problems and the timing method)
@@ -7,6 +7,8 @@ models    eval forward time, f-evaluations and residual of mdeq_tiny / mdeq_smal
           (see mdeq/benchmarks/models.py)
 train     samples/s and peak memory of a training step: mdeq_small in DEQ mode and unrolled at
           max_iter 8/16/32, and hrnet_w18_small (see mdeq/benchmarks/training.py)
+seg       eval forward time, solver steps and peak memory of the mdeq_small segmentation model at
+          512x1024 and 1024x2048 (batch 1), DEQ mode and unrolled (see mdeq/benchmarks/segmentation.py)
 """
 import argparse
 import sys
@@ -15,6 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from mdeq.benchmarks import models as model_bench  # noqa: E402
+from mdeq.benchmarks import segmentation as seg_bench  # noqa: E402
 from mdeq.benchmarks import solvers as solver_bench  # noqa: E402
 from mdeq.benchmarks import training as train_bench  # noqa: E402
 
@@ -50,6 +53,22 @@ def main(argv=None) -> int:
     t.add_argument("--no-baseline", action="store_true", help="skip hrnet_w18_small")
     t.add_argument("--threads", type=int, default=None)
     t.add_argument("--out", type=Path, default=Path("results/benchmarks"))
+    g = sub.add_parser("seg", help="segmentation forward time, solver steps and peak memory, DEQ vs unrolled")
+    g.add_argument("--model", default="mdeq_small", help="segmentation preset (default mdeq_small)")
+    g.add_argument("--sizes", nargs="+", default=["512x1024", "1024x2048"], metavar="HxW",
+                   help="input sizes (default 512x1024 1024x2048)")
+    g.add_argument("--max-iter", type=int, default=None, help="DEQ solver budget (default: the preset's f_thres)")
+    g.add_argument("--tol", type=float, default=None,
+                   help="DEQ solver tolerance (default: the preset's; 0 runs the full budget)")
+    g.add_argument("--unroll-steps", type=int, default=None,
+                   help="unrolled depth (default: the preset's num_layers)")
+    g.add_argument("--repeats", type=int, default=2, help="timed forwards after one warm-up forward (default 2)")
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--amp", choices=["bf16", "fp16"], help="autocast dtype")
+    g.add_argument("--checkpoint", type=Path,
+                   help="weights (safetensors or an official Cityscapes .pkl); default: random init")
+    g.add_argument("--threads", type=int, default=None)
+    g.add_argument("--out", type=Path, default=Path("results/benchmarks"))
     args = parser.parse_args(argv)
 
     if args.command == "solvers":
@@ -86,6 +105,35 @@ def main(argv=None) -> int:
         paths = train_bench.save(result, args.out, suffix)
         print()
         print(train_bench.to_markdown(result))
+        print(f"wrote {paths['json']} and {paths['markdown']}")
+    elif args.command == "seg":
+        from mdeq.models.config import SEG_PRESETS
+
+        if args.model not in SEG_PRESETS:
+            parser.error(f"--model must be one of {sorted(SEG_PRESETS)}, got {args.model!r}")
+        divisor = SEG_PRESETS[args.model].size_divisor
+        try:
+            sizes = [seg_bench.parse_size(s) for s in args.sizes]
+        except ValueError as err:
+            parser.error(str(err))
+        bad = [f"{h}x{w}" for h, w in sizes if h % divisor or w % divisor]
+        if bad:
+            parser.error(f"--sizes: height and width must be multiples of {divisor}, got {' '.join(bad)}")
+        for name in ("max_iter", "unroll_steps", "repeats"):
+            if getattr(args, name) is not None and getattr(args, name) < 1:
+                parser.error(f"--{name.replace('_', '-')} must be at least 1")
+        if args.tol is not None and args.tol < 0:
+            parser.error("--tol must be >= 0")
+        if args.checkpoint and not args.checkpoint.is_file():
+            parser.error(f"--checkpoint {args.checkpoint} does not exist")
+        configs = seg_bench.default_configs(args.model, sizes, max_iter=args.max_iter,
+                                            unroll_steps=args.unroll_steps, tol=args.tol)
+        result = seg_bench.run(configs, repeats=args.repeats, device=args.device, amp=args.amp,
+                               checkpoint=args.checkpoint, threads=args.threads)
+        paths = seg_bench.save(result, args.out, f"seg_{args.device.split(':')[0]}" + (
+            f"_{args.amp}" if args.amp else ""))
+        print()
+        print(seg_bench.to_markdown(result))
         print(f"wrote {paths['json']} and {paths['markdown']}")
     return 0
 

@@ -56,3 +56,24 @@ def test_training_benchmark_deq_memory_is_flat_and_unroll_grows(tmp_path):
     assert all(r["samples_per_s"] > 0 and r["peak_mb"] >= 0 for r in result["rows"])
     assert rows[("deq", 6)]["fwd_nfe"] == rows[("deq", 6)]["bwd_nfe"] == 6 and rows[("unroll", 6)]["fwd_nfe"] == 6
     assert "| mdeq_tiny | deq | 2 | 2 / 2 |" in (tmp_path / "training_cpu.md").read_text()
+
+
+def test_segmentation_benchmark_reports_deq_and_unrolled_per_size(tmp_path, capsys):
+    tool = _load_tool()
+    assert tool.main(["seg", "--sizes", "64x128", "--repeats", "1", "--max-iter", "3", "--tol", "0",
+                      "--unroll-steps", "2", "--threads", "1", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "seg_cpu.json").read_text())
+    rows = {(r["input"], r["mode"]): r for r in result["rows"]}
+    assert set(rows) == {("64x128", "deq"), ("64x128", "unroll")}
+    deq, unroll = rows[("64x128", "deq")], rows[("64x128", "unroll")]
+    # tol 0: the preset's Broyden makes the full budget; unrolled: exactly the given depth
+    assert deq["solver"] == "broyden" and deq["max_iter"] == deq["nfe"] == 3
+    assert unroll["solver"] == "unroll" and unroll["max_iter"] == unroll["nfe"] == unroll["mean_nstep"] == 2
+    for r in result["rows"]:
+        assert r["model"] == "mdeq_small" and r["device"] == "cpu" and r["batch"] == 1
+        assert r["forward_ms"] > 0 and r["peak_mb"] > 0 and r["rel_residual"] > 0
+        assert r["output"] == [1, 19, 16, 32]  # logits at 1/4 resolution
+    table = (tmp_path / "seg_cpu.md").read_text()
+    assert "| mdeq_small | 64x128 | deq | broyden | 3 | " in table
+    assert "| mdeq_small | 64x128 | unroll | unroll | 2 | " in table
+    assert "Random weights" in table and "wrote" in capsys.readouterr().out
