@@ -33,6 +33,10 @@ def parse_args(argv=None):
     p.add_argument("--data-root", help="dataset root (default: the checkpoint's)")
     p.add_argument("--split", default="val")
     p.add_argument("--classes", nargs="+", help="class names of a folder dataset (default: <root>/classes.txt)")
+    p.add_argument("--label-type", choices=["auto", "labelIds", "labelTrainIds"],
+                   help="Cityscapes label files (default: the run's, else auto: labelTrainIds when present)")
+    p.add_argument("--no-labels", action="store_true",
+                   help="the split has no labels (predictions only); implied for Cityscapes' test split")
     p.add_argument("--model", help="preset of a bare weights file (default: inferred from the shapes)")
     p.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
     p.add_argument("--mode", choices=["whole", "slide"], default=None, help="inference mode (default: the run's, "
@@ -40,7 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--window", type=int, nargs=2, metavar=("H", "W"), help="sliding window size")
     p.add_argument("--stride", type=int, nargs=2, metavar=("H", "W"), help="sliding window stride (default: window)")
     p.add_argument("--scales", type=float, nargs="+", help="multi-scale factors, e.g. 0.5 0.75 1 1.25 1.5 1.75")
-    p.add_argument("--flip", action="store_true", help="add horizontally flipped passes")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="add horizontally flipped passes (default: the run's setting, else no)")
     p.add_argument("--solver", help="forward solver: anderson | broyden | fixed_point | unroll")
     p.add_argument("--f-thres", type=int, help="forward iteration cap")
     p.add_argument("--tol", type=float)
@@ -73,8 +78,8 @@ def _inference_cfg(args, run_cfg):
                        ("scales", args.scales)):
         if value is not None:
             cfg[key] = value
-    if args.flip:
-        cfg["flip"] = True
+    if args.flip is not None:
+        cfg["flip"] = args.flip
     if cfg.get("mode") == "slide" and not cfg.get("window"):
         raise SystemExit("--mode slide needs --window H W")
     if args.mode == "whole":
@@ -85,8 +90,8 @@ def _inference_cfg(args, run_cfg):
 def _evaluate(args, env) -> dict:
     import numpy as np
 
-    from mdeq.data.cityscapes import (build_seg_eval_transform, build_segmentation_dataset, save_label_png,
-                                      to_label_ids)
+    from mdeq.data.cityscapes import (build_seg_eval_transform, build_segmentation_dataset, collate_same_size,
+                                      save_label_png, to_label_ids)
     from mdeq.data.classification import build_eval_loader
     from mdeq.engine.base_trainer import AMP_DTYPES
     from mdeq.engine.distributed import broadcast_object
@@ -112,13 +117,20 @@ def _evaluate(args, env) -> dict:
     classes = args.classes or (loaded.classes if name == "folder" else None) or run_data.get("classes")
     data_cfg = loaded.data_cfg or {}
     transform = build_seg_eval_transform(**{k: tuple(data_cfg[k]) for k in ("mean", "std") if data_cfg.get(k)})
-    labelled = not args.split.startswith("test")
-    dataset = build_segmentation_dataset(name, root, args.split, transform=transform, classes=classes,
-                                         require_labels=labelled)
+    labelled = not (args.no_labels or (name == "cityscapes" and args.split == "test"))
+    label_type = args.label_type or run_data.get("label_type") or "auto"
+    try:
+        dataset = build_segmentation_dataset(name, root, args.split, transform=transform, classes=classes,
+                                             require_labels=labelled,
+                                             **({"label_type": label_type} if name != "folder" else {}))
+    except Exception as e:
+        hint = "" if not labelled or "label" not in str(e) else " (a split without labels: pass --no-labels)"
+        raise SystemExit(f"{type(e).__name__}: {e}{hint}") from e
     n_out = model.num_classes
     if dataset.num_classes != n_out:
         raise SystemExit(f"the dataset has {dataset.num_classes} classes but the model predicts {n_out}")
-    loader = build_eval_loader(dataset, args.batch_size, env.world_size, env.rank, args.workers)
+    loader = build_eval_loader(dataset, args.batch_size, env.world_size, env.rank, args.workers,
+                               collate_fn=collate_same_size)
     icfg = _inference_cfg(args, loaded.config)
     inference = build_inference(model, icfg, AMP_DTYPES[args.amp] if args.amp else None)
 

@@ -479,3 +479,15 @@ def build_segmentation_dataset(name: str, root: Optional[PathLike], split: str, 
     elif root is None:
         raise ValueError("the 'cityscapes' dataset needs a root folder")
     return CityscapesDataset(root, split, transform=transform, label_type=label_type, require_labels=require_labels)
+
+
+def collate_same_size(batch):
+    """``default_collate`` for (image, mask) pairs, with a clear error when the images differ in size."""
+    from torch.utils.data import default_collate
+
+    sizes = sorted({tuple(image.shape[-2:]) for image, _ in batch})
+    if len(sizes) > 1:
+        raise ValueError(f"images of different sizes ({', '.join(f'{h}x{w}' for h, w in sizes)}) cannot share an "
+                         f"evaluation batch; use an eval batch size of 1 (data.eval_batch_size=1, or eval_seg "
+                         f"--batch-size 1)")
+    return default_collate(batch)

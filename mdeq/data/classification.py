@@ -264,10 +264,10 @@ def build_train_loader(dataset: Dataset, batch_size: int, seed: int, num_replica
 
 
 def build_eval_loader(dataset: Dataset, batch_size: int, num_replicas: int = 1, rank: int = 0, workers: int = 2,
-                      pin_memory: bool = False) -> DataLoader:
+                      pin_memory: bool = False, collate_fn=None) -> DataLoader:
     """In-order loader over this rank's exact shard of the eval set."""
     return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), num_replicas, rank),
-                      num_workers=workers, pin_memory=pin_memory,
+                      num_workers=workers, pin_memory=pin_memory, collate_fn=collate_fn,
                       worker_init_fn=_worker_init if workers else None, generator=torch.Generator().manual_seed(0))
 
 

@@ -144,7 +144,7 @@ class Trainer:
         self.train_loader = build_train_loader(self.train_set, batch, seed, env.world_size, env.rank, self.workers,
                                                pin)
         self.val_loader = build_eval_loader(self.val_set, int(cfg["data"].get("eval_batch_size") or batch),
-                                            env.world_size, env.rank, self.workers, pin)
+                                            env.world_size, env.rank, self.workers, pin, collate_fn=self.eval_collate)
         self.accum = int(self.tcfg.get("grad_accum_steps", 1))
         if self.accum < 1:
             raise ValueError(f"train.grad_accum_steps must be >= 1, got {self.accum}")
@@ -183,6 +183,8 @@ class Trainer:
     def build_datasets(self) -> Tuple[Dataset, Dataset]:
         """task: (train set, val set); both have ``classes`` and a settable ``transform``."""
         raise NotImplementedError
+
+    eval_collate = None  # a task's collate function for evaluation batches (None: default_collate)
 
     def build_model(self) -> nn.Module:
         """task: the model, on the CPU, with any starting weights loaded."""
@@ -243,6 +245,9 @@ class Trainer:
     def extra_state(self) -> Dict[str, Any]:
         """Extra checkpoint entries that tools read back (class names, data config)."""
         return dict(classes=list(self.train_set.classes))
+
+    def restore_extra(self, ckpt: Mapping[str, Any]) -> None:
+        """Read back what ``extra_state`` saved, on resume; nothing by default."""
 
     def bn_dataset(self) -> Dataset:
         """task: the images precise BN recomputes the statistics from (a deterministic view of the train set)."""
@@ -326,6 +331,7 @@ class Trainer:
         if self.scaler is not None and ckpt.get("scaler") is not None:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.progress = Progress.from_state(ckpt["progress"])
+        self.restore_extra(ckpt)
         if self.env.world_size == 1:
             restore_rng_state(ckpt["rng"])
         else:  # each rank reseeds from (seed, rank, step): reproducible, not tied to rank 0's state
@@ -519,7 +525,9 @@ class Trainer:
             data = self.bn_dataset()
             batch = self.train_loader.batch_size
             order = torch.randperm(len(data), generator=torch.Generator().manual_seed(int(self.tcfg["seed"])))
-            subset = torch.utils.data.Subset(data, order[: n * batch * self.env.world_size].tolist())
+            world = self.env.world_size  # equal shards, so every rank runs the same number of (SyncBN) batches
+            count = min(n * batch * world, len(data) // world * world)
+            subset = torch.utils.data.Subset(data, order[:count].tolist())
             self._bn_loader = build_eval_loader(subset, batch, self.env.world_size, self.env.rank,
                                                 workers=self.workers)
 

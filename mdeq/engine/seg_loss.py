@@ -59,17 +59,17 @@ class SegmentationLoss(nn.Module):
         if logits.dim() != 4 or target.dim() != 3 or logits.shape[0] != target.shape[0]:
             raise ValueError(f"expected logits (B, K, h, w) and labels (B, H, W), got {tuple(logits.shape)} and "
                              f"{tuple(target.shape)}")
+        logits = logits.float()  # upsample and reduce in float32 under autocast too
         if logits.shape[-2:] != target.shape[-2:]:
             logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
-        logits = logits.float()
         weight = None if self.class_weights is None else self.class_weights.to(logits.device)
+        valid = target.flatten() != self.ignore_index
+        if not bool(valid.any()):  # no labelled pixel (a crop of padding, sparse labels): a zero, not NaN
+            return logits.sum() * 0.0
         if self.ohem_thresh is None:
             return F.cross_entropy(logits, target, weight=weight, ignore_index=self.ignore_index)
         pixel_loss = F.cross_entropy(logits, target, weight=weight, ignore_index=self.ignore_index,
                                      reduction="none").flatten()
-        valid = target.flatten() != self.ignore_index
-        if not bool(valid.any()):
-            return logits.sum() * 0.0  # no labelled pixel: a zero that keeps the graph
         with torch.no_grad():
             prob = logits.softmax(dim=1).gather(1, target.clamp(max=logits.shape[1] - 1).unsqueeze(1)).flatten()
             prob_valid = prob[valid]

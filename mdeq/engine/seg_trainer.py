@@ -18,8 +18,8 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
-from ..data.cityscapes import (IGNORE_INDEX, build_seg_eval_transform, build_seg_train_transform,
-                               build_segmentation_dataset, colorize)
+from ..data.cityscapes import (build_seg_eval_transform, build_seg_train_transform, build_segmentation_dataset,
+                               collate_same_size, colorize)
 from ..data.classification import SeededDataset
 from .base_trainer import Trainer
 from .seg_inference import SegEvalResult, SegInference, evaluate_segmentation
@@ -31,21 +31,34 @@ __all__ = ["SegmentationTrainer", "build_inference"]
 _log = logging.getLogger("mdeq.train")
 
 
+LOG_IMAGE_HEIGHT = 256  # TensorBoard panels are shrunk to this height (a Cityscapes panel would be 1024x6144)
+
+
+def _fit_height(panel: np.ndarray, height: int) -> np.ndarray:
+    """Shrink an (H, W, 3) panel to at most ``height`` rows (nearest neighbour keeps label colours exact)."""
+    if panel.shape[0] <= height:
+        return panel
+    from PIL import Image
+
+    width = max(1, round(panel.shape[1] * height / panel.shape[0]))
+    return np.asarray(Image.fromarray(panel).resize((width, height), Image.NEAREST))
+
+
 def build_inference(model: nn.Module, icfg: Optional[Mapping[str, Any]], amp_dtype=None) -> SegInference:
     """``SegInference`` from an ``inference`` config: mode (whole | slide), window, stride, scales, flip."""
     icfg = dict(icfg or {})
-    return SegInference(model, mode=icfg.get("mode", "whole"), window=_pair(icfg.get("window")),
-                        stride=_pair(icfg.get("stride")), scales=tuple(icfg.get("scales") or (1.0,)),
+    window, stride = icfg.get("window"), icfg.get("stride")
+    return SegInference(model, mode=icfg.get("mode", "whole"), window=None if window is None else tuple(window),
+                        stride=None if stride is None else tuple(stride), scales=tuple(icfg.get("scales") or (1.0,)),
                         flip=bool(icfg.get("flip", False)), amp_dtype=amp_dtype)
 
 
-def _pair(v: Any) -> Optional[Tuple[int, int]]:
-    if v is None:
-        return None
+def _size(name: str, v: Any) -> Tuple[int, int]:
+    """A [height, width] config value (or one number for both)."""
     if isinstance(v, (int, float)):
         return int(v), int(v)
-    if len(v) != 2:
-        raise ValueError(f"expected a size [height, width], got {v}")
+    if v is None or len(v) != 2:
+        raise ValueError(f"{name} must be [height, width], got {v}")
     return int(v[0]), int(v[1])
 
 
@@ -54,6 +67,7 @@ class SegmentationTrainer(Trainer):
 
     task = "segmentation"
     score_name = "val_miou"
+    eval_collate = staticmethod(collate_same_size)
 
     # ------------------------------------------------------------------ data and model
     def build_datasets(self):
@@ -71,7 +85,10 @@ class SegmentationTrainer(Trainer):
         return train, val
 
     def build_model(self) -> nn.Module:
-        model, info = build_segmentation_model(self.cfg["model"], self.num_classes)
+        model_cfg = dict(self.cfg["model"])
+        if self.tcfg.get("resume"):  # the checkpoint holds the weights: no need to fetch the starting ones again
+            model_cfg.update(pretrained=None, weights=None, backbone=None)
+        model, info = build_segmentation_model(model_cfg, self.num_classes)
         self.init_info = info
         for line in info.get("log", []):
             _log.info("%s", line)
@@ -82,7 +99,7 @@ class SegmentationTrainer(Trainer):
         self.mean = tuple(d.get("mean") or IMAGENET_DEFAULT_MEAN)
         self.std = tuple(d.get("std") or IMAGENET_DEFAULT_STD)
         divisor = self.model.cfg.size_divisor
-        crop = _pair(d["crop_size"])
+        crop = _size("data.crop_size", d["crop_size"])
         if crop[0] % divisor or crop[1] % divisor:
             raise ValueError(f"data.crop_size {list(crop)} must be divisible by {divisor} for {self.cfg['model']['name']} "
                              f"(2^(downsample_times + num_branches - 1))")
@@ -107,8 +124,12 @@ class SegmentationTrainer(Trainer):
 
     def extra_state(self) -> Dict[str, Any]:
         return dict(classes=list(self.train_set.classes), palette=np.asarray(self.train_set.palette).tolist(),
+                    init_summary=self.init_info.get("summary"),
                     ignore_index=int(self.train_set.ignore_index),
                     data_cfg=dict(mean=list(self.mean), std=list(self.std), dataset=self.cfg["data"]["name"]))
+
+    def restore_extra(self, ckpt: Mapping[str, Any]) -> None:
+        self.init_info["summary"] = ckpt.get("init_summary") or self.init_info.get("summary")
 
     def bn_dataset(self):
         return SeededDataset(self.train_set, int(self.tcfg["seed"]))  # the train crops, fixed for the run
@@ -155,7 +176,7 @@ class SegmentationTrainer(Trainer):
         palette = np.asarray(self.train_set.palette)
         for i, (image, mask, pred) in enumerate(getattr(res, "samples", [])):
             panel = np.concatenate([image, colorize(mask, palette), colorize(pred, palette)], axis=1)
-            self.logger.image(f"{prefix}/image_gt_pred/{i}", panel, step)
+            self.logger.image(f"{prefix}/image_gt_pred/{i}", _fit_height(panel, LOG_IMAGE_HEIGHT), step)
 
     def val_row(self, res: Optional[SegEvalResult], prefix: str = "val_") -> Dict[str, Any]:
         row: Dict[str, Any] = {f"{prefix}miou": res.metrics.miou if res else "",

@@ -86,7 +86,9 @@ def to_official_state_dict(sd: Mapping[str, torch.Tensor]) -> Dict[str, torch.Te
 
 
 def _shapes(sd: Mapping[str, torch.Tensor]) -> Dict[str, Tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in sd.items()}
+    """Names and shapes, without BatchNorm's step counters: frozen BatchNorm (timm's FrozenBatchNorm2d,
+    after fine-tuning with frozen layers) has none, and they carry no weights."""
+    return {k: tuple(v.shape) for k, v in sd.items() if not k.endswith("num_batches_tracked")}
 
 
 def _build(name: str, task: str, num_classes: int) -> nn.Module:
@@ -150,4 +152,7 @@ def load_converted(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> None:
     if expected != got:
         raise StateDictMismatch(
             f"the checkpoint does not fit {type(model).__name__}: {_describe_mismatch(expected, got, limit=20)}")
-    model.load_state_dict(sd, strict=True)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    left = [k for k in missing + unexpected if not k.endswith("num_batches_tracked")]
+    if left:  # cannot happen after the shape check; a guard against a silent partial load
+        raise StateDictMismatch(f"the checkpoint does not fit {type(model).__name__}: {left[:10]}")

@@ -326,3 +326,14 @@ def test_colorize_and_label_png(tmp_path):
     with pytest.raises(ValueError, match="0..255"):
         save_label_png(tmp_path / "y.png", np.array([[300]]))
     assert IGNORE_INDEX == 255
+
+
+def test_eval_batches_of_different_image_sizes_fail_clearly():
+    import torch
+
+    from mdeq.data.cityscapes import collate_same_size
+
+    same = collate_same_size([(torch.zeros(3, 4, 6), torch.zeros(4, 6)), (torch.ones(3, 4, 6), torch.ones(4, 6))])
+    assert same[0].shape == (2, 3, 4, 6) and same[1].shape == (2, 4, 6)
+    with pytest.raises(ValueError, match=r"4x6, 8x6\).*eval batch size of 1"):
+        collate_same_size([(torch.zeros(3, 4, 6), torch.zeros(4, 6)), (torch.zeros(3, 8, 6), torch.zeros(8, 6))])

@@ -45,11 +45,12 @@ def test_ohem_keeps_only_hard_pixels_but_at_least_min_kept():
     assert loss.item() == pytest.approx(((ce[0] + ce[1] + ce[3]) / 3).item(), rel=1e-5)
 
 
-def test_ohem_with_only_ignore_pixels_is_a_differentiable_zero():
+@pytest.mark.parametrize("ohem", [None, 0.7])
+def test_a_batch_with_only_ignore_pixels_is_a_differentiable_zero(ohem):
     logits = torch.randn(1, 3, 2, 2, requires_grad=True)
-    loss = SegmentationLoss(ohem_thresh=0.7)(logits, torch.full((1, 2, 2), 255))
+    loss = SegmentationLoss(ohem_thresh=ohem)(logits, torch.full((1, 4, 4), 255))
     loss.backward()
-    assert loss.item() == 0.0 and logits.grad is not None
+    assert loss.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))
 
 
 def test_class_weight_spec_and_errors():

@@ -119,7 +119,8 @@ def test_official_cityscapes_checkpoint_evaluates_through_eval_seg(street, tmp_p
     out = _eval(tmp_path / "MDEQ_Small_Seg.pkl", tmp_path / "official", "--dataset", "cityscapes", "--data-root",
                 str(street), "--f-thres", "2", "--tol", "0")
     res = json.loads((out / "eval.json").read_text())
-    assert res["arch"] == "mdeq_small" and res["images"] == 4 and res["deq_nstep_mean"] == 2.0
+    assert res["arch"] == "mdeq_small" and res["images"] == 4 and res["solver"]["max_iter"] == 2
+    assert 1.0 <= res["deq_nstep_mean"] <= 2.0  # the step of the lowest residual (random weights: not contractive)
     assert res["solver"]["solver"] == "broyden" and res["solver"]["stop_mode"] == "abs"  # the official solver
     assert res["miou"] is not None
 
@@ -164,6 +165,19 @@ def test_torchrun_ddp_two_cpu_processes(street, tmp_path):
     assert m["world_size"] == 2 and m["val_count"] == 4  # each rank evaluated 2 images, the matrix is all-reduced
     assert m["steps"] == 8  # 16 images / (2 per rank x 2 ranks) = 4 steps per epoch
     assert "SyncBatchNorm needs GPUs" in proc.stderr + proc.stdout  # sync_bn falls back on CPU, and says so
+    # the all-reduced confusion matrix of the 2 ranks is the single-process one
+    single = json.loads((_eval(tmp_path / "ddp" / "checkpoints" / "last.pth", tmp_path / "single") /
+                         "eval.json").read_text())
+    assert single["miou"] == pytest.approx(m["val_miou"], abs=1e-6)
+    # eval_seg under torchrun: each rank predicts its shard, rank 0 writes the all-reduced scores
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tools" / "eval_seg.py"), str(tmp_path / "ddp" / "checkpoints" / "last.pth"), "--no-progress",
+           "--output", str(tmp_path / "ddp_eval"), "--save-predictions", str(tmp_path / "ddp_preds")]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=tool_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    both = json.loads((tmp_path / "ddp_eval" / "eval.json").read_text())
+    assert both["miou"] == single["miou"] and both["images"] == 4
+    assert len(list((tmp_path / "ddp_preds").rglob("*.png"))) == 4
     assert sorted(p.name for p in (tmp_path / "ddp").iterdir() if not p.name.startswith(".")) == [
         "checkpoints", "metrics.csv", "metrics.json", "tensorboard", "train_seg.log"]
 
@@ -187,3 +201,23 @@ def test_a_few_hundred_steps_on_generated_shapes_learn_well_above_chance(tmp_pat
     chance_aacc = 100.0 * counts.max() / counts.sum()
     assert chance_miou < 6.0 and chance_aacc < 45.0
     assert m["val_miou"] > 35.0 and m["val_aacc"] > 65.0, m  # measured: 52 / 81
+
+
+def test_eval_seg_predicts_an_unlabelled_test_split(seg_run, street, tmp_path):
+    import shutil
+
+    out, _ = seg_run
+    root = tmp_path / "cs"
+    shutil.copytree(street / "leftImg8bit" / "val", root / "leftImg8bit" / "test")  # images only, like Cityscapes
+    preds = tmp_path / "preds"
+    proc = run_tool("eval_seg.py", [str(out / "checkpoints" / "last.pth"), "--data-root", str(root), "--split", "test",
+                                    "--save-predictions", str(preds), "--output", str(tmp_path / "ev"),
+                                    "--no-progress"], cwd=tmp_path)
+    assert "test: no labels, no scores; 4 images predicted" in proc.stdout
+    assert len(list(preds.rglob("*_leftImg8bit.png"))) == 4
+    # a labelled split that lacks a label file says which file and how to go on
+    (root / "leftImg8bit" / "val").mkdir(parents=True)
+    shutil.copy(next((street / "leftImg8bit" / "val").rglob("*.png")), root / "leftImg8bit" / "val" / "x_leftImg8bit.png")
+    proc = run_tool("eval_seg.py", [str(out / "checkpoints" / "last.pth"), "--data-root", str(root),
+                                    "--output", str(tmp_path / "ev2")], cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "x_gtFine_labelIds.png" in proc.stderr and "--no-labels" in proc.stderr
