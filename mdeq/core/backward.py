@@ -72,9 +72,12 @@ def phantom(f: FlatFn, z_star: torch.Tensor, steps: int, damping: float, z_requi
     return h, fz, z
 
 
-def unroll(f: FlatFn, z0: torch.Tensor, steps: int):
-    """f applied ``steps`` times from z0 with autograd. Returns (z_steps, z_{steps-1})."""
+def unroll(f: FlatFn, z0: torch.Tensor, steps: int, keep: bool = False):
+    """f applied ``steps`` times from z0 with autograd. Returns (z_steps, z_{steps-1}, [z_0..z_steps] if keep)."""
     z = prev = z0
+    states = [z0] if keep else []
     for _ in range(steps):
         prev, z = z, f(z)
-    return z, prev
+        if keep:
+            states.append(z)
+    return z, prev, states

@@ -19,6 +19,21 @@
   its stats describe the last step, ||z_N - z_{N-1}||.
 * ``jac_probes=k`` at call time adds the Hutchinson Jacobian penalty ``stats.jac_loss`` computed at the
   returned equilibrium (differentiable).
+* Initial guess (``init``): ``"zeros"`` uses the caller's z0 (zeros, or a warm start such as the previous
+  frame's z*); ``"skip"`` starts from ``predictor()``, an explicit prediction g(x) of z* that the caller
+  passes at call time (Skip DEQ); ``"skip_reg"`` starts from f(z0), one extra f-evaluation and no new
+  parameters (Skip Reg. DEQ). With grad enabled both add ``stats.init_loss`` = ``init_weight`` x the mean
+  squared difference between the initial guess and z* (z* detached unless ``init_detach=False``), which
+  trains the predictor (and, for ``skip_reg``, pulls f(z0) towards z*).
+* ``record`` (``"all"`` or iterate indices) returns the solver's iterates in ``stats.trajectory``.
+* ``correction_states=n`` (training only): n iterates evenly spaced along the trajectory are recorded and
+  each gets a ``correction_steps``-step phantom gradient; the differentiable states are in
+  ``stats.corrections`` (earliest first) for the fixed-point correction loss (DEQ-Flow), whose weights
+  ``correction_gamma^(n-i)`` the caller applies (``regularizers.fixed_point_correction``).
+* ``final_step=True`` (inference): return f(z*) rather than z*, as training's differentiable output is; the
+  solvers keep f of their best iterate (``return_f``), so this costs no evaluation and a budget of k
+  evaluations ends in f's output.
+* ``solver="consistency"`` (C-DEQ) takes the distilled ``student`` at call time.
 
 Every option is validated; an unknown one is an error. ``configure(**changes)`` changes options at run time.
 """
@@ -36,9 +51,10 @@ from .regularizers import jacobian_reg
 from .solvers import SolverStats, check_options, get_solver, list_solvers, solver_options
 from .state import State, StatePacker
 
-__all__ = ["DEQ", "BACKWARDS"]
+__all__ = ["DEQ", "BACKWARDS", "INITS"]
 
 BACKWARDS = ("ift", "phantom", "one_step")
+RUNTIME_OPTIONS = {"student"}  # solver arguments passed at call time (modules), never from configs
 UNROLL = "unroll"
 
 _DEFAULTS: Dict[str, Any] = dict(
@@ -56,7 +72,16 @@ _DEFAULTS: Dict[str, Any] = dict(
     phantom_steps=5,
     phantom_damping=0.5,
     trace=False,
+    record=None,
+    init="zeros",
+    init_weight=1.0,
+    init_detach=True,
+    correction_states=0,
+    correction_gamma=0.8,
+    correction_steps=1,
+    final_step=False,
 )
+INITS = ("zeros", "skip", "skip_reg")
 
 
 def _check_positive_int(name: str, value: Any) -> None:
@@ -70,7 +95,7 @@ def _check_solver_options(solver: str, options: Optional[dict], which: str) -> d
         if options:
             raise ValueError(f"{which}: solver 'unroll' takes no options, got {sorted(options)}")
         return options
-    allowed = set(solver_options(solver)) - {"max_iter", "tol", "stop_mode", "trace"}
+    allowed = set(solver_options(solver)) - {"max_iter", "tol", "stop_mode", "trace", "record", "return_f"} - RUNTIME_OPTIONS
     unknown = set(options) - allowed
     if unknown:
         raise ValueError(
@@ -109,7 +134,23 @@ class DEQ(nn.Module):
             raise ValueError(f"unknown solver {new['solver']!r}; choose one of {solvers + [UNROLL]}")
         if new["b_solver"] not in solvers:
             raise ValueError(f"unknown b_solver {new['b_solver']!r}; choose one of {solvers}")
-        check_options(max_iter=new["max_iter"], tol=new["tol"], stop_mode=new["stop_mode"], trace=new["trace"])
+        check_options(max_iter=new["max_iter"], tol=new["tol"], stop_mode=new["stop_mode"], trace=new["trace"],
+                      record=new["record"])
+        if new["init"] not in INITS:
+            raise ValueError(f"unknown init {new['init']!r}; choose one of {INITS}")
+        for key in ("init_weight",):
+            if isinstance(new[key], bool) or not isinstance(new[key], numbers.Real) or new[key] < 0:
+                raise ValueError(f"{key} must be a number >= 0, got {new[key]!r}")
+        for key in ("init_detach", "final_step"):
+            if not isinstance(new[key], bool):
+                raise ValueError(f"{key} must be true or false, got {new[key]!r}")
+        if isinstance(new["correction_states"], bool) or not isinstance(new["correction_states"], numbers.Integral) \
+                or new["correction_states"] < 0:
+            raise ValueError(f"correction_states must be an integer >= 0, got {new['correction_states']!r}")
+        _check_positive_int("correction_steps", new["correction_steps"])
+        if isinstance(new["correction_gamma"], bool) or not (
+                isinstance(new["correction_gamma"], numbers.Real) and 0 < new["correction_gamma"] <= 1):
+            raise ValueError(f"correction_gamma must be in (0, 1], got {new['correction_gamma']!r}")
         for key, check_as in (("b_max_iter", "max_iter"), ("b_tol", "tol"), ("b_stop_mode", "stop_mode")):
             if new[key] is not None:
                 try:
@@ -168,8 +209,14 @@ class DEQ(nn.Module):
         *,
         jac_probes: int = 0,
         max_iter: Optional[int] = None,
+        predictor: Optional[Callable[[], State]] = None,
+        student: Optional[nn.Module] = None,
     ) -> Tuple[State, SolverStats]:
-        """Solve z = f(z) from ``z0``. ``max_iter`` overrides the setting for this call only."""
+        """Solve z = f(z) from ``z0`` (see the module docstring for the options).
+
+        ``max_iter`` overrides the setting for this call only; ``predictor`` (init ``"skip"``) returns the
+        initial guess; ``student`` is the distilled consistency function of ``solver="consistency"``.
+        """
         o = self.options
         if max_iter is not None:
             _check_positive_int("max_iter", max_iter)
@@ -198,21 +245,61 @@ class DEQ(nn.Module):
         if x0.device.type == "meta":  # shape inference only (timm builds models on the meta device)
             return result(f_flat(x0)), _meta_stats(o["solver"], x0)
 
+        guess, extra_nfe = None, 0  # the differentiable initial guess (Skip / Skip Reg. DEQ)
+        if o["init"] == "skip":
+            if predictor is None:
+                raise ValueError("init='skip' needs a predictor of the initial state (the model's skip initializer); "
+                                 "build the model with deq=dict(init='skip')")
+            guess = packer.pack(predictor()).to(work)
+        elif o["init"] == "skip_reg":
+            guess, extra_nfe = f_flat(x0), 1
+        if guess is not None:
+            x0 = guess if o["solver"] == UNROLL else guess.detach()
+
         if o["solver"] == UNROLL:
-            z, prev = _bw.unroll(f_flat, x0, o["max_iter"])
+            record = o["record"]
+            z, prev, states = _bw.unroll(f_flat, x0, o["max_iter"], keep=record is not None)
             stats = _unroll_stats(z.detach(), prev.detach(), o["max_iter"], o["tol"], o["stop_mode"])
+            stats.nfe += extra_nfe
+            if record is not None:
+                steps = range(len(states)) if record == "all" else [i for i in record if i < len(states)]
+                stats.trajectory = [result(states[i].detach()) for i in steps]
+                stats.trajectory_steps = list(steps)
             if jac_probes:
                 zj = z if z.requires_grad else z.detach().requires_grad_()
                 stats.jac_loss = jacobian_reg(f_flat(zj), zj, jac_probes)
+            self._init_loss(stats, guess, z, grad, o)
             return result(z), stats
 
+        record = o["record"]
+        n_corr = o["correction_states"] if grad else 0
+        if n_corr:
+            spots = sorted({max(1, round((i + 1) * o["max_iter"] / (n_corr + 1))) for i in range(n_corr)})
+            record = "all" if record == "all" else sorted(set(record or []) | set(spots))
         solver = get_solver(o["solver"])
+        runtime = {"student": student} if o["solver"] == "consistency" else {}
+        if o["final_step"] and not grad and "return_f" in solver_options(o["solver"]):
+            runtime["return_f"] = True  # f(z*) was computed for its residual: no extra evaluation
+        if record is not None:
+            if "record" not in solver_options(o["solver"]):
+                raise ValueError(f"solver {o['solver']!r} cannot record its iterates (it has no 'record' option), "
+                                 f"which record= and correction_states need")
+            runtime["record"] = record
         with torch.no_grad(), _autocast_off(x0.device.type):
             z_star, stats = solver(
                 f_flat, x0.detach(), max_iter=o["max_iter"], tol=o["tol"], stop_mode=o["stop_mode"],
-                trace=o["trace"], **o["solver_options"],
+                trace=o["trace"], **o["solver_options"], **runtime,
             )
+        stats.nfe += extra_nfe
+        recorded = dict(zip(stats.trajectory_steps or [], stats.trajectory or []))  # flat (B, D) iterates
+        stats.trajectory = stats.trajectory_steps = None
+        if o["record"] is not None:  # what the caller asked for (the corrections may have recorded more)
+            steps = [i for i in recorded if o["record"] == "all" or i in set(o["record"])]
+            stats.trajectory, stats.trajectory_steps = [result(recorded[i]) for i in steps], steps
         if not grad:
+            if o["final_step"] and "return_f" not in runtime:
+                stats.nfe += 1
+                return result(f_flat(z_star)), stats
             return result(z_star), stats
 
         if o["backward"] == "ift":
@@ -229,7 +316,22 @@ class DEQ(nn.Module):
             out, fz, z = _bw.phantom(f_flat, z_star, 1, 1.0, jac_probes > 0)
         if jac_probes:
             stats.jac_loss = jacobian_reg(fz, z, jac_probes)
+        if n_corr:
+            states = [recorded[i] for i in spots if i in recorded]
+            stats.corrections = [
+                result(_bw.phantom(f_flat, s_.detach(), o["correction_steps"], o["phantom_damping"])[0])
+                for s_ in states]
+        self._init_loss(stats, guess, out, grad, o)
         return result(out), stats
+
+    @staticmethod
+    def _init_loss(stats: SolverStats, guess: Optional[torch.Tensor], out: torch.Tensor, grad: bool,
+                   o: Dict[str, Any]) -> None:
+        """``stats.init_loss`` = init_weight x mean squared distance from the initial guess to z*."""
+        if guess is None or not grad or not guess.requires_grad:
+            return
+        target = out.detach() if o["init_detach"] else out
+        stats.init_loss = o["init_weight"] * (guess - target.to(guess.dtype)).pow(2).mean()
 
 
 def _autocast_enabled(device_type: str) -> bool:

@@ -18,6 +18,13 @@ Every solver is a function ``solver(f, z0, *, max_iter, tol, stop_mode, trace, *
 * The solver state is float32 when z0 is float16/bfloat16 (float64 stays float64); f is called in z0's dtype
   and the result is returned in it.
 
+* ``return_f=True`` returns f(z*) instead of z*, with no extra evaluation (f of the best iterate was computed
+  to measure its residual); the stats still describe z*. A budget of k evaluations then ends in f's output.
+* ``record`` (every solver): ``"all"`` or a list of iterate indices (0 = z0) keeps those iterates, detached,
+  in ``stats.trajectory`` (states in z0's structure and dtype) with their indices in ``stats.trajectory_steps``:
+  the data of fixed-point correction and consistency distillation. Iterates are the batch's: a sample that
+  stopped keeps its result, but the batch's later iterates are still recorded for it.
+
 Solvers run under ``torch.no_grad()``: gradients through a fixed point are ``DEQ``'s job.
 """
 from __future__ import annotations
@@ -26,7 +33,7 @@ import inspect
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
@@ -45,6 +52,7 @@ __all__ = [
 ]
 
 STOP_MODES = ("abs", "rel")
+Record = Union[None, str, Sequence[int]]
 _NORM_EPS = 1e-8
 
 
@@ -62,8 +70,13 @@ class SolverStats:
         diverged: the sample stopped because its residual became non-finite or exploded.
         nfe: f-evaluations made for the whole batch.
         trace: (B, nfe) residuals in ``stop_mode`` at every evaluation, when asked for (else None).
+        trajectory: the recorded iterates (``record=``), earliest first, else None.
+        trajectory_steps: their iterate indices (0 = z0).
         backward: stats of the backward (implicit-gradient) solve, filled in by ``DEQ`` when it runs.
         jac_loss: the Jacobian-regularisation estimate, set by ``DEQ`` when asked for.
+        init_loss: the weighted initial-guess regulariser of Skip / Skip Reg. DEQ, set by ``DEQ`` in training.
+        corrections: differentiable trajectory states for the fixed-point correction loss, set by ``DEQ``.
+        aux_outputs: a model's outputs at those states (earliest first), set by the model for its loss.
     """
 
     solver: str
@@ -74,8 +87,13 @@ class SolverStats:
     diverged: torch.Tensor
     nfe: int
     trace: Optional[torch.Tensor] = None
+    trajectory: Optional[List[Any]] = field(default=None, repr=False)
+    trajectory_steps: Optional[List[int]] = None
     backward: Optional["SolverStats"] = field(default=None, repr=False)
     jac_loss: Optional[torch.Tensor] = field(default=None, repr=False)
+    init_loss: Optional[torch.Tensor] = field(default=None, repr=False)
+    corrections: Optional[List[Any]] = field(default=None, repr=False)
+    aux_outputs: Optional[List[Any]] = field(default=None, repr=False)
 
     def summary(self) -> Dict[str, float]:
         """Batch means as plain floats, for logging."""
@@ -128,8 +146,17 @@ class _Progress:
     vectors per iteration replaces some twenty tiny tensor ops, which matters when f is cheap.
     """
 
-    def __init__(self, x0: torch.Tensor, tol: float, stop_mode: str, trace: bool, divergence_factor: float):
+    def __init__(self, x0: torch.Tensor, tol: float, stop_mode: str, trace: bool, divergence_factor: float,
+                 record: Record = None, return_f: bool = False):
         b = x0.shape[0]
+        self.return_f = return_f  # keep f(x) of the best iterates too, to return f(z*) without another evaluation
+        self.best_f: Optional[_Best] = None
+        self.fallback_f: Optional[_Best] = None
+        self.record_all = record == "all"
+        self.record_at = set() if record is None or self.record_all else {int(i) for i in record}
+        self.recorded: List[torch.Tensor] = []
+        self.recorded_steps: List[int] = []
+        self.iterate = 0  # index of the next observed iterate (0 = z0)
         self.x0 = x0
         self.tol = tol
         self.use_rel = stop_mode == "rel"
@@ -156,6 +183,10 @@ class _Progress:
         reference; the loop's overhead stays at a few passes over the state.
         """
         self.nfe += 1
+        if self.record_all or self.iterate in self.record_at:
+            self.recorded.append(x)  # never modified in place afterwards (see the contract above)
+            self.recorded_steps.append(self.iterate)
+        self.iterate += 1
         if abs_res is None:
             abs_res = torch.linalg.vector_norm(g, dim=1)
         norms = torch.stack((abs_res.to(fx.dtype), torch.linalg.vector_norm(fx, dim=1))).tolist()  # host sync
@@ -189,19 +220,35 @@ class _Progress:
         self.best.update(x, improved)
         if self.fallback is not None:
             self.fallback.update(x, improved_abs)
+        if self.return_f:
+            if self.best_f is None:  # the first evaluation: every sample improved on nothing
+                self.best_f = _Best(fx)
+                self.fallback_f = _Best(fx) if self.fallback is not None else None
+            self.best_f.update(fx, improved)
+            if self.fallback_f is not None:
+                self.fallback_f.update(fx, improved_abs)
         return all(c or d for c, d in zip(self.converged, self.diverged))
 
     def _use_fallback(self) -> List[bool]:
         return [d and self.fallback is not None for d in self.diverged]
 
     def result(self) -> torch.Tensor:
-        """The per-sample result (never an alias of the caller's z0)."""
-        z = self.best.result()
+        """The per-sample result (never an alias of the caller's z0); f of it with ``return_f``."""
+        best, fallback = (self.best_f, self.fallback_f) if self.return_f else (self.best, self.fallback)
+        z = best.result()
         use = self._use_fallback()
         if any(use):
             mask = torch.tensor(use, device=z.device)[:, None]
-            z = torch.where(mask, self.fallback.ref, z)
+            z = torch.where(mask, fallback.ref, z)
         return z
+
+    def finish(self, solver: str, packer: StatePacker, dtype: torch.dtype):
+        """(result in z0's structure and dtype, SolverStats with the recorded trajectory unpacked likewise)."""
+        stats = self.stats(solver)
+        if self.record_all or self.record_at:
+            stats.trajectory = [packer.unpack(x.to(dtype)) for x in self.recorded]
+            stats.trajectory_steps = list(self.recorded_steps)
+        return packer.unpack(self.result().to(dtype)), stats
 
     def stats(self, solver: str) -> SolverStats:
         dev, dtype = self.x0.device, self.x0.dtype
@@ -262,6 +309,18 @@ _OPTION_CHECKS = {
 }
 
 
+def _record(name: str, v) -> None:
+    if v is None or v == "all":
+        return
+    if isinstance(v, (str, bytes)) or not isinstance(v, Sequence) or not all(
+            isinstance(i, numbers.Integral) and not isinstance(i, bool) and i >= 0 for i in v):
+        raise ValueError(f"{name} must be None, 'all' or a list of iterate indices >= 0 (0 = z0), got {v!r}")
+
+
+_OPTION_CHECKS["record"] = _record
+_OPTION_CHECKS["return_f"] = _flag
+
+
 def check_options(**options) -> None:
     """Validate solver option values by name (raises ValueError saying what is expected)."""
     for name, value in options.items():
@@ -292,12 +351,20 @@ def _flat(f: Callable[[State], State], z0: State):
 _REGISTRY: Dict[str, Callable] = {}
 
 
-def register_solver(name: str):
-    """Decorator adding a solver to the registry used by ``get_solver`` and ``DEQ(solver=name)``."""
+def register_solver(name: str, option_checks: Optional[Dict[str, Callable]] = None):
+    """Decorator adding a solver to the registry used by ``get_solver`` and ``DEQ(solver=name)``.
+
+    ``option_checks`` ({option name: check(name, value) raising ValueError}) validates the options only this
+    solver has, so configs that set them (``DEQ(solver_options=...)``) are checked like the common ones.
+    """
 
     def deco(fn):
         if name in _REGISTRY:
             raise ValueError(f"a solver named {name!r} is already registered")
+        for opt, check in (option_checks or {}).items():
+            if _OPTION_CHECKS.get(opt, check) is not check:
+                raise ValueError(f"solver {name!r}: option {opt!r} already has another validation rule")
+            _OPTION_CHECKS[opt] = check
         _REGISTRY[name] = fn
         return fn
 
@@ -336,6 +403,8 @@ def fixed_point(
     damping: float = 1.0,
     trace: bool = False,
     divergence_factor: float = 1e6,
+    record: Record = None,
+    return_f: bool = False,
 ):
     """Damped fixed-point (Picard) iteration z <- damping * f(z) + (1 - damping) * z.
 
@@ -343,16 +412,16 @@ def fixed_point(
     lowest-residual iterate, in the structure of ``z0``.
     """
     check_options(max_iter=max_iter, tol=tol, stop_mode=stop_mode, trace=trace,
-                  divergence_factor=divergence_factor, damping=damping)
+                  divergence_factor=divergence_factor, damping=damping, record=record, return_f=return_f)
     f_flat, x, packer, dtype = _flat(f, z0)
-    progress = _Progress(x, tol, stop_mode, trace, divergence_factor)
+    progress = _Progress(x, tol, stop_mode, trace, divergence_factor, record, return_f)
     for _ in range(max_iter):
         fx = f_flat(x)
         g = fx - x
         if progress.observe(x, fx, g):
             break
         x = fx if damping == 1 else torch.add(x, g, alpha=damping)
-    return packer.unpack(progress.result().to(dtype)), progress.stats("fixed_point")
+    return progress.finish("fixed_point", packer, dtype)
 
 
 @register_solver("anderson")
@@ -369,6 +438,8 @@ def anderson(
     damping: float = 1.0,
     trace: bool = False,
     divergence_factor: float = 1e6,
+    record: Record = None,
+    return_f: bool = False,
 ):
     """Anderson acceleration (type II) with history ``m``, per sample.
 
@@ -382,10 +453,10 @@ def anderson(
     Stops per sample as described in the module docstring; returns (z, SolverStats).
     """
     check_options(max_iter=max_iter, tol=tol, stop_mode=stop_mode, trace=trace,
-                  divergence_factor=divergence_factor, m=m, lam=lam, damping=damping)
+                  divergence_factor=divergence_factor, m=m, lam=lam, damping=damping, record=record, return_f=return_f)
     f_flat, x, packer, dtype = _flat(f, z0)
     b, d = x.shape
-    progress = _Progress(x, tol, stop_mode, trace, divergence_factor)
+    progress = _Progress(x, tol, stop_mode, trace, divergence_factor, record, return_f)
     F = x.new_empty(b, m, d)  # f(x_i)
     G = x.new_empty(b, m, d)  # f(x_i) - x_i
     gram = torch.zeros(b, m, m, dtype=torch.float64, device=x.device)
@@ -419,7 +490,7 @@ def anderson(
         x = torch.bmm(alpha, F[:, :n]).squeeze(1)
         if damping != 1:
             x.sub_(torch.bmm(alpha, G[:, :n]).squeeze(1), alpha=1 - damping)
-    return packer.unpack(progress.result().to(dtype)), progress.stats("anderson")
+    return progress.finish("anderson", packer, dtype)
 
 
 @register_solver("broyden")
@@ -434,6 +505,8 @@ def broyden(
     memory: int = 20,
     trace: bool = False,
     divergence_factor: float = 1e6,
+    record: Record = None,
+    return_f: bool = False,
 ):
     """Limited-memory "good" Broyden on g(z) = f(z) - z, per sample.
 
@@ -445,10 +518,10 @@ def broyden(
     Stops per sample as described in the module docstring; returns (z, SolverStats).
     """
     check_options(max_iter=max_iter, tol=tol, stop_mode=stop_mode, trace=trace,
-                  divergence_factor=divergence_factor, memory=memory)
+                  divergence_factor=divergence_factor, memory=memory, record=record, return_f=return_f)
     f_flat, x, packer, dtype = _flat(f, z0)
     b, d = x.shape
-    progress = _Progress(x, tol, stop_mode, trace, divergence_factor)
+    progress = _Progress(x, tol, stop_mode, trace, divergence_factor, record, return_f)
     U = x.new_zeros(b, memory, d)
     V = x.new_zeros(b, memory, d)
     n = 0  # number of stored updates
@@ -489,4 +562,4 @@ def broyden(
             V[:, n] = v
             n += 1
             dx = -h_times(g)
-    return packer.unpack(progress.result().to(dtype)), progress.stats("broyden")
+    return progress.finish("broyden", packer, dtype)

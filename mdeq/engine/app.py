@@ -53,9 +53,9 @@ def run_classification(cfg: DictConfig, require_start_weights: bool = False) -> 
         if config[group].get("task") == "segmentation":
             raise SystemExit(f"{group}={config[group].get('name')} is a segmentation config; train segmentation "
                              f"models with tools/train_seg.py")
-    if config.get("recipe") == "digits_tiny" and config["data"].get("name") != "digits":
+    if str(config.get("recipe") or "").startswith("digits_") and config["data"].get("name") != "digits":
         raise SystemExit(
-            "experiment=digits_tiny (the default) is the recipe of the bundled digits job and would be applied to "
+            f"experiment={config['recipe']} is a recipe for the bundled digits and would be applied to "
             f"data={config['data'].get('name')}; choose an experiment for your data (configs/experiment/, e.g. "
             "experiment=imagenet_small) or ~experiment and set model=, deq=, optim=, jac.*, train.* yourself")
     if require_start_weights and not (model.get("weights") or model.get("pretrained") or train.get("resume")):

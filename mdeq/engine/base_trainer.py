@@ -37,18 +37,29 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from ..data.classification import build_eval_loader, build_train_loader, steps_per_epoch
+from ..core.regularizers import fixed_point_correction
 from .checkpoint import CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state, save_atomic
 from .deq_schedule import PRETRAIN, DEQSchedule, JacobianSchedule
 from .distributed import DistEnv, all_reduce_sum
 from .evaluate import autocast_context
 from .run_logger import RunLogger, write_json_atomic
 
-__all__ = ["Trainer", "Progress", "build_schedule", "AMP_DTYPES", "CHECKPOINT_VERSION"]
+__all__ = ["Trainer", "Progress", "build_schedule", "model_deq_options", "AMP_DTYPES", "CHECKPOINT_VERSION"]
 
 _log = logging.getLogger("mdeq.train")
 
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 CHECKPOINT_VERSION = 1
+
+
+CHEAP_OPTIONS = ("init", "init_weight", "init_detach", "correction_states", "correction_gamma", "correction_steps")
+
+
+def model_deq_options(cfg: Mapping[str, Any]) -> Dict[str, Any]:
+    """The ``deq`` config's initial-guess and fixed-point-correction settings (Skip / Skip Reg. DEQ, DEQ-Flow's
+    correction): the model needs ``init`` when it is built (the Skip DEQ predictor is a module)."""
+    d = dict(cfg.get("deq") or {})
+    return {k: (float(d[k]) if k in ("init_weight", "correction_gamma") else d[k]) for k in CHEAP_OPTIONS if k in d}
 
 
 def build_schedule(cfg: Mapping[str, Any], model: nn.Module) -> DEQSchedule:
@@ -65,6 +76,7 @@ def build_schedule(cfg: Mapping[str, Any], model: nn.Module) -> DEQSchedule:
         options["solver_options"] = dict(d["solver_options"])
     if d.get("b_solver_options") and d["backward"] == "ift":
         options["b_solver_options"] = dict(d["b_solver_options"])
+    options.update(model_deq_options(cfg))
     unroll = d.get("unroll_steps") or getattr(getattr(model, "cfg", None), "num_layers", None) or 1
     schedule = DEQSchedule(pretrain_steps=int(d.get("pretrain_steps") or 0), unroll_steps=int(unroll),
                            deq=options, eval_f_thres=d.get("eval_f_thres"),
@@ -455,9 +467,14 @@ class Trainer:
             with sync:
                 with autocast_context(env.device, self.amp_dtype):
                     loss = self.criterion(self.ddp_model(images), targets)
-                stats = self.model.deq_stats
+                    stats = self.model.deq_stats
+                    if stats is not None and stats.aux_outputs:  # fixed-point correction over trajectory states
+                        losses = [self.criterion(o, targets) for o in stats.aux_outputs] + [loss]
+                        loss = fixed_point_correction(losses, float(self.model.deq.options["correction_gamma"]))
                 if plan.compute_jac and stats is not None and stats.jac_loss is not None:
                     loss = loss + plan.jac_weight * stats.jac_loss.float()
+                if stats is not None and stats.init_loss is not None:  # Skip / Skip Reg. DEQ initial-guess loss
+                    loss = loss + stats.init_loss.float()
                 scaled = loss / self.accum
                 if self.scaler is not None:
                     self.scaler.scale(scaled).backward()

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from .distributed import DistEnv, all_reduce_sum
 
-__all__ = ["EvalResult", "evaluate_classifier", "sweep_solver_budgets", "autocast_context"]
+__all__ = ["EvalResult", "evaluate_classifier", "sweep_solver_budgets", "autocast_context", "budget_options"]
 
 
 @dataclass
@@ -86,3 +86,26 @@ def sweep_solver_budgets(model: nn.Module, loader: Iterable, env: DistEnv, budge
         res = evaluate_classifier(model, loader, env, desc=f"max_iter={k}", **kwargs)
         rows.append(dict(max_iter=int(k), **res.as_dict()))
     return rows
+
+
+def budget_options(options: Dict[str, Any], evals: int) -> Dict[str, Any]:
+    """``configure_deq`` settings under which an inference forward makes exactly ``evals`` f-evaluations and
+    the head sees the last one's output (the comparison axis of the accuracy-vs-compute benchmark).
+
+    A solver with ``final_step`` returns f of its best iterate, computed when its residual was checked, so k
+    evaluations end in f's output at no extra cost (tolerance 0: all k run). Skip Reg. DEQ spends one of them
+    on z0 = f(0); the consistency solver spends one per student step; ``unroll`` (the explicit residual
+    stack) applies f exactly k times.
+    """
+    if evals < 1:
+        raise ValueError(f"the budget must be at least one f-evaluation, got {evals}")
+    solver, init = options["solver"], options.get("init", "zeros")
+    if solver == "consistency":
+        return dict(solver=solver, max_iter=evals, solver_options=dict(measure_residual=False), final_step=False)
+    if solver == "unroll":
+        return dict(solver=solver, max_iter=evals, final_step=False)
+    left = evals - (1 if init == "skip_reg" else 0)  # what the solve may use
+    if left == 0:  # Skip Reg. DEQ with one evaluation: its start f(0) is the answer
+        return dict(solver="unroll", max_iter=1, init="zeros", final_step=False)
+    return dict(solver=solver, max_iter=left, tol=0.0, final_step=True,
+                solver_options=dict(options.get("solver_options") or {}))

@@ -21,7 +21,7 @@ from torch import nn
 from ..data.cityscapes import (build_seg_eval_transform, build_seg_train_transform, build_segmentation_dataset,
                                collate_same_size, colorize)
 from ..data.classification import SeededDataset
-from .base_trainer import Trainer
+from .base_trainer import Trainer, model_deq_options
 from .seg_inference import SegEvalResult, SegInference, evaluate_segmentation
 from .seg_loss import SegmentationLoss, resolve_class_weights
 from .seg_model import build_segmentation_model
@@ -88,7 +88,7 @@ class SegmentationTrainer(Trainer):
         model_cfg = dict(self.cfg["model"])
         if self.tcfg.get("resume"):  # the checkpoint holds the weights: no need to fetch the starting ones again
             model_cfg.update(pretrained=None, weights=None, backbone=None)
-        model, info = build_segmentation_model(model_cfg, self.num_classes)
+        model, info = build_segmentation_model(model_cfg, self.num_classes, model_deq_options(self.cfg))
         self.init_info = info
         for line in info.get("log", []):
             _log.info("%s", line)

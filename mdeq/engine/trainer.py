@@ -19,7 +19,7 @@ from torch import nn
 
 from ..data.classification import build_imagefolder_datasets, build_transform, resolve_data_cfg
 from ..data.digits import prepare_digits
-from .base_trainer import AMP_DTYPES, CHECKPOINT_VERSION, Progress, Trainer, build_schedule
+from .base_trainer import AMP_DTYPES, CHECKPOINT_VERSION, Progress, Trainer, build_schedule, model_deq_options
 from .evaluate import EvalResult, evaluate_classifier
 from .weights import freeze_groups, load_backbone_weights, read_state_dict
 
@@ -27,16 +27,25 @@ __all__ = ["ClassificationTrainer", "build_model", "build_schedule", "AMP_DTYPES
 
 _log = logging.getLogger("mdeq.train")
 
+# parts a model may have that plain MDEQ weights lack: they start fresh when fine-tuning from such weights
+NEW_PARTS = ("fullstage.initializer", "fullstage.student")
+
 # ---------------------------------------------------------------------------------------------- builders
-def build_model(model_cfg: Mapping[str, Any], num_classes: int) -> nn.Module:
-    """A timm model from ``model`` config: name, pretrained, weights (local file), kwargs, drop_rate, freeze."""
+def build_model(model_cfg: Mapping[str, Any], num_classes: int, deq: Optional[Mapping[str, Any]] = None) -> nn.Module:
+    """A timm model from ``model`` config: name, pretrained, weights (local file), kwargs, drop_rate, freeze.
+
+    ``deq``: DEQ settings the model needs when it is built (``init='skip'`` adds the Skip DEQ predictor).
+    """
     name = model_cfg["name"]
     kwargs = dict(model_cfg.get("kwargs") or {})
+    if deq:
+        kwargs["deq"] = {**dict(kwargs.get("deq") or {}), **dict(deq)}
     model = timm.create_model(name, pretrained=bool(model_cfg.get("pretrained", False)), num_classes=num_classes,
                               drop_rate=float(model_cfg.get("drop_rate", 0.0) or 0.0), **kwargs)
     weights = model_cfg.get("weights")
     if weights:
-        fresh, _ = load_backbone_weights(model, read_state_dict(weights, prefer_ema=bool(model_cfg.get("ema_weights"))))
+        fresh, _ = load_backbone_weights(model, read_state_dict(weights, prefer_ema=bool(model_cfg.get("ema_weights"))),
+                                         head_names=("classifier",) + NEW_PARTS)
         if fresh:
             _log.info("loaded %s; new head (%d classes): %s", weights, num_classes, fresh)
     freeze_groups(model, model_cfg.get("freeze") or [])
@@ -63,7 +72,7 @@ class ClassificationTrainer(Trainer):
                                           val_split=dcfg.get("val_split", "val"))
 
     def build_model(self) -> nn.Module:
-        return build_model(self.cfg["model"], self.num_classes)
+        return build_model(self.cfg["model"], self.num_classes, model_deq_options(self.cfg))
 
     def setup_transforms(self) -> None:
         self.data_cfg = resolve_data_cfg(self.model, self.cfg["data"].get("overrides"))

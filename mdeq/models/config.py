@@ -34,6 +34,7 @@ class MDEQConfig:
     head_channels: Tuple[int, ...] = (24, 48, 96, 192)
     final_chansize: int = 2048
     num_layers: int = 5
+    student: bool = False   # build the C-DEQ student (also built for deq solver='consistency')
     deq: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -84,7 +85,11 @@ def resolve_config(base: MDEQConfig, overrides: Dict[str, Any]) -> MDEQConfig:
         deq = overrides.pop("deq") or {}
         if not isinstance(deq, dict):
             raise TypeError(f"deq must be a dict of DEQ options, got {type(deq).__name__}")
-        overrides["deq"] = {**base.deq, **deq}
+        merged = {**base.deq, **deq}
+        for key, opts in (("solver", "solver_options"), ("b_solver", "b_solver_options")):
+            if key in deq and opts not in deq and deq[key] != base.deq.get(key):
+                merged.pop(opts, None)  # the preset's options of its own solver do not fit another one
+        overrides["deq"] = merged
     return replace(base, **overrides)
 
 

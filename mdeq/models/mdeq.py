@@ -33,6 +33,9 @@ from mdeq.core import DEQ, SolverStats, forward_scope
 from mdeq.core.norm import has_weight_norm
 
 from .config import CLS_PRESETS, MDEQConfig, config_field_names, resolve_config
+from ..core.consistency import ConsistencyFunction
+from ..core.state import StatePacker
+from .cheap_inference import MultiscaleGenerator, MultiscaleInitializer
 from .layers import MDEQCell
 from .pretrained import catalog_cfgs, resolve_catalog_weights
 
@@ -54,6 +57,13 @@ class MDEQStage(MDEQCell):
         self.deq = DEQ(**deq_options)
         self.jac_probes = 0
         self.stats: Optional[SolverStats] = None
+        dd = dict(device=device, dtype=dtype)
+        # Skip DEQ's explicit initial guess, built when the settings ask for it (deq=dict(init="skip"))
+        self.initializer = MultiscaleInitializer(cfg.num_channels[0], cfg.num_channels, cfg.num_groups, **dd) \
+            if deq_options.get("init") == "skip" else None
+        # C-DEQ's student, built for solver="consistency" (or cfg.student=True, to distil into it)
+        self.student = ConsistencyFunction(MultiscaleGenerator(cfg.num_channels, **dd)) \
+            if (deq_options.get("solver") == "consistency" or cfg.student) else None
 
     def __getstate__(self):
         # the last forward's stats may hold autograd graphs (jac_loss): not part of a copy (ModelEmaV3, deepcopy)
@@ -64,13 +74,28 @@ class MDEQStage(MDEQCell):
     def cell(self, z: List[torch.Tensor], injection: torch.Tensor) -> List[torch.Tensor]:
         return MDEQCell.forward(self, z, injection)
 
-    def forward(self, injection: torch.Tensor) -> List[torch.Tensor]:  # type: ignore[override]
+    def initial_state(self, injection: torch.Tensor) -> List[torch.Tensor]:
+        """The zero state: one (B, C_i, H / 2^i, W / 2^i) tensor per branch."""
         b, _, h, w = injection.shape
-        z0 = [injection.new_zeros(b, self.branches[i].blocks[0].conv2.out_channels, h >> i, w >> i)
-              for i in range(self.num_branches)]
+        return [injection.new_zeros(b, self.branches[i].blocks[0].conv2.out_channels, h >> i, w >> i)
+                for i in range(self.num_branches)]
+
+    def forward(self, injection: torch.Tensor, z0: Optional[List[torch.Tensor]] = None  # type: ignore[override]
+                ) -> List[torch.Tensor]:
+        """Branch equilibria; ``z0`` is a warm start (e.g. the previous frame's equilibrium), zeros by default."""
+        zeros = self.initial_state(injection)
+        if z0 is None:
+            z0 = zeros
+        elif len(z0) != len(zeros) or any(a.shape != b.shape for a, b in zip(z0, zeros)):
+            raise ValueError(f"z0 must be {len(zeros)} tensors of shapes {[tuple(t.shape) for t in zeros]}, got "
+                             f"{[tuple(t.shape) for t in z0]}")
+        predictor = (lambda: self.initializer(injection)) if self.initializer is not None else None
+        if self.student is not None:
+            self.student.generator.packer = StatePacker(z0)
         with forward_scope(self):
             jac = self.jac_probes if torch.is_grad_enabled() else 0
-            z, self.stats = self.deq(lambda zs: self.cell(zs, injection), z0, jac_probes=jac)
+            z, self.stats = self.deq(lambda zs: self.cell(zs, injection), z0, jac_probes=jac, predictor=predictor,
+                                     student=self.student)
         return z
 
 
@@ -190,10 +215,10 @@ class MDEQBackbone(nn.Module):
             x = self.stage0(x)
         return tap, x
 
-    def forward_equilibrium(self, x: torch.Tensor) -> List[torch.Tensor]:
-        """Image -> the list of branch equilibria (highest resolution first)."""
+    def forward_equilibrium(self, x: torch.Tensor, z0: Optional[List[torch.Tensor]] = None) -> List[torch.Tensor]:
+        """Image -> the list of branch equilibria (highest resolution first); ``z0``: a warm start."""
         _, inj = self.forward_stem(x)
-        zs = self.fullstage(inj)
+        zs = self.fullstage(inj, z0)
         return [zs[i] for i in range(self.num_branches)]  # static indexing (FX)
 
     def _init_weights(self) -> None:
@@ -297,10 +322,11 @@ class MDEQNet(MDEQBackbone):
             y = self.incre_modules[i + 1](zs[i + 1]) + self.downsamp_modules[i](y)
         return self.final_layer(y)
 
-    def forward_features(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
+    def forward_features(self, x: torch.Tensor, z0: Optional[List[torch.Tensor]] = None
+                         ) -> Union[torch.Tensor, List[torch.Tensor]]:
         if self.fullstage is None:  # pruned to the stem tap
             return self.forward_stem(x)[0]
-        zs = self.forward_equilibrium(x)
+        zs = self.forward_equilibrium(x, z0)
         if self.final_layer is None:  # aggregation head pruned
             return zs
         return self._aggregate(zs)
@@ -310,8 +336,13 @@ class MDEQNet(MDEQBackbone):
         x = self.head_drop(x)
         return x if pre_logits else self.classifier(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def forward(self, x: torch.Tensor, z0: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
+        logits = self.forward_head(self.forward_features(x, z0))
+        stats = self.deq_stats
+        if stats is not None and stats.corrections and self.final_layer is not None:
+            # fixed-point correction (training): the head's outputs at the recorded trajectory states
+            stats.aux_outputs = [self.forward_head(self._aggregate(c)) for c in stats.corrections]
+        return logits
 
     def forward_intermediates(
         self,

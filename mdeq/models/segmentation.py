@@ -7,7 +7,7 @@ upsampled to the input size.
 """
 from __future__ import annotations
 
-from typing import Any, List, Union
+from typing import Any, List, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -36,16 +36,23 @@ class MDEQSegNet(MDEQBackbone):
         )
         self._init_weights()
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Branch equilibria upsampled to the highest resolution and concatenated."""
-        zs = self.forward_equilibrium(x)
+    @staticmethod
+    def _concat(zs: List[torch.Tensor]) -> torch.Tensor:
         size = zs[0].shape[-2:]
         ups = [F.interpolate(z, size=size, mode="bilinear", align_corners=True) for z in zs[1:]]
         return torch.cat([zs[0]] + ups, dim=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor, z0: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
+        """Branch equilibria upsampled to the highest resolution and concatenated; ``z0``: a warm start."""
+        return self._concat(self.forward_equilibrium(x, z0))
+
+    def forward(self, x: torch.Tensor, z0: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
         """Logits at 1/2^downsample_times of the input resolution."""
-        return self.last_layer(self.forward_features(x))
+        logits = self.last_layer(self.forward_features(x, z0))
+        stats = self.deq_stats
+        if stats is not None and stats.corrections:  # fixed-point correction (training)
+            stats.aux_outputs = [self.last_layer(self._concat(c)) for c in stats.corrections]
+        return logits
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:

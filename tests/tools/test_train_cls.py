@@ -109,7 +109,7 @@ def test_the_digits_recipe_is_not_applied_to_other_data_silently(tmp_path):
     proc = run_tool("train_cls.py", ["data=imagefolder", f"data.root={tmp_path}", f"hydra.run.dir={tmp_path / 'r'}"],
                     cwd=tmp_path, check=False)
     assert proc.returncode != 0
-    assert "experiment=digits_tiny (the default)" in proc.stderr and "~experiment" in proc.stderr
+    assert "experiment=digits_tiny is a recipe for the bundled digits" in proc.stderr and "~experiment" in proc.stderr
 
 
 def test_training_features_run_together(digits_small, tmp_path):

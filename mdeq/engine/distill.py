@@ -1,0 +1,164 @@
+"""Consistency distillation (C-DEQ) of a trained MDEQ classifier: a student that jumps towards z* in 1-4 steps.
+
+``distill_classifier`` takes a training checkpoint of ``train_cls`` (the frozen teacher), rebuilds the model with
+a student (``MDEQConfig.student``: per-resolution 1x1-conv generator with a time embedding), and trains only the
+student on teacher trajectories of the train images: the teacher's solver runs K steps from zeros with its
+iterates recorded (``collect_trajectory``), step k gets the Karras time t_k, and the loss is 0.9 x global
+(SmoothL1 of F(z_{t_n}, t_n) to z_K) + 0.1 x local (MSE to an EMA student at t_{n+1}), with n drawn per image.
+The result is a checkpoint whose solver is ``consistency`` (``max_iter`` student steps), which ``eval_cls``,
+``publish_weights`` and the benchmarks read like any other.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import timm
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..core import collect_trajectory, consistency_losses, distillation_loss, karras_times, make_ema
+from ..core.scope import forward_scope
+from ..data.classification import (build_eval_loader, build_imagefolder_datasets, build_train_loader,
+                                   build_transform, resolve_data_cfg)
+from ..data.digits import prepare_digits
+from .checkpoint import load_checkpoint, save_atomic
+from .distributed import DistEnv
+from .evaluate import budget_options, evaluate_classifier
+from .run_logger import write_json_atomic
+
+__all__ = ["distill_classifier"]
+
+_log = logging.getLogger("mdeq.distill")
+
+
+def _teacher_and_student(ckpt: Dict[str, Any]) -> nn.Module:
+    """The checkpoint's model rebuilt with a student; the teacher's weights loaded, everything but G frozen."""
+    ident = ckpt["identity"]
+    kwargs = copy.deepcopy(dict(ident.get("model_kwargs") or {}))
+    kwargs["student"] = True
+    model = timm.create_model(ident["arch"], num_classes=ident["num_classes"], **kwargs)
+    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+    if unexpected or any(not k.startswith("fullstage.student.") for k in missing):
+        raise ValueError(f"the checkpoint's weights do not fit {ident['arch']}: missing "
+                         f"{[k for k in missing if not k.startswith('fullstage.student.')][:5]}, unexpected "
+                         f"{unexpected[:5]}")
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("fullstage.student."))
+    return model
+
+
+def distill_classifier(checkpoint: str, output_dir: Path, env: DistEnv, data_root: Optional[str] = None,
+                       teacher_solver: str = "anderson", teacher_steps: int = 16, epochs: int = 10,
+                       batch_size: int = 64, lr: float = 4e-3, weight_decay: float = 0.0, ema_decay: float = 0.98,
+                       global_weight: float = 0.9, local_weight: float = 0.1, eval_iters: Sequence[int] = (1, 2, 4),
+                       seed: int = 0, workers: int = 2, progress: bool = True) -> Dict[str, Any]:
+    """Distil a student into the classifier of ``checkpoint``; writes ``distilled.pth`` and ``metrics.json``."""
+    from .trainer import build_schedule
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = load_checkpoint(checkpoint)
+    if "identity" not in ckpt or ckpt["identity"].get("task", "classification") != "classification":
+        raise ValueError(f"{checkpoint} is not a classification training checkpoint of this package")
+    cfg = ckpt["config"]
+    torch.manual_seed(seed)
+    model = _teacher_and_student(ckpt).to(env.device).eval()  # eval: BatchNorm statistics stay the teacher's
+    schedule = build_schedule(cfg, model)
+    step = int(ckpt["progress"]["step"])
+    schedule.apply_eval(model, step)  # the teacher's own DEQ settings, for the comparison below
+    teacher_options = dict(model.deq.options)
+    stage = model.fullstage
+    student = stage.student
+
+    # data: the run's train images with eval transforms (the teacher's inputs), and its val set
+    root = data_root or cfg["data"].get("root")
+    if cfg["data"].get("name") == "digits":
+        root = prepare_digits(root)
+    if not root:
+        raise ValueError("--data-root is required: the ImageFolder root the teacher was trained on")
+    train_set, val_set = build_imagefolder_datasets(root, train_split=cfg["data"].get("train_split", "train"),
+                                                    val_split=cfg["data"].get("val_split", "val"))
+    data_cfg = resolve_data_cfg(model, ckpt.get("data_cfg"))
+    train_set.transform = val_set.transform = build_transform(data_cfg, False)
+    loader = build_train_loader(train_set, batch_size, seed, env.world_size, env.rank, workers)
+    val_loader = build_eval_loader(val_set, batch_size, env.world_size, env.rank, workers)
+
+    times = karras_times(teacher_steps, T=student.T, eps=student.eps, rho=student.rho)
+    ema = make_ema(student, decay=ema_decay)
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    total = epochs * len(loader)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total, 1))
+    gen = torch.Generator().manual_seed(seed)
+    history: List[Dict[str, float]] = []
+    t0 = time.perf_counter()
+    for epoch in range(epochs):
+        loader.dataset.set_epoch(epoch)
+        loader.sampler.set_epoch(epoch)
+        sums = [0.0, 0.0, 0]
+        bar = tqdm(loader, desc=f"distill {epoch + 1}/{epochs}", leave=False, disable=not (progress and env.is_main))
+        for images, _ in bar:
+            images = images.to(env.device)
+            with torch.no_grad(), forward_scope(stage):
+                _, inj = model.forward_stem(images)
+
+                def teacher_step(z, inj=inj):
+                    return stage.cell(list(z), inj)
+
+                traj, z_end = collect_trajectory(teacher_step, stage.initial_state(inj), solver=teacher_solver,
+                                                 num_steps=teacher_steps)
+            n = torch.randint(0, teacher_steps, (images.shape[0],), generator=gen).to(env.device)
+            with forward_scope(stage):
+                g_loss, l_loss = consistency_losses(student, ema, traj, times, n, teacher_step, z_end)
+            loss = distillation_loss(g_loss, l_loss, global_weight, local_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            ema.update_parameters(student)
+            sums[0] += g_loss.item()
+            sums[1] += l_loss.item()
+            sums[2] += 1
+            bar.set_postfix(global_loss=f"{g_loss.item():.4f}", local_loss=f"{l_loss.item():.4f}")
+        row = dict(epoch=epoch, global_loss=sums[0] / max(sums[2], 1), local_loss=sums[1] / max(sums[2], 1))
+        history.append(row)
+        _log.info("distill epoch %d: global %.5f local %.5f", epoch, row["global_loss"], row["local_loss"])
+    seconds = time.perf_counter() - t0
+    student.num_train_steps = teacher_steps
+
+    # compare at equal f-evaluations: the student's k steps vs the teacher's solver with k evaluations
+    results: Dict[str, Any] = dict(teacher={}, student={})
+    for k in eval_iters:
+        model.configure_deq(**budget_options(dict(teacher_options, solver="consistency"), int(k)))
+        results["student"][int(k)] = evaluate_classifier(model, val_loader, env, progress=False).top1
+        model.configure_deq(**{**teacher_options, **budget_options(teacher_options, int(k))})
+        results["teacher"][int(k)] = evaluate_classifier(model, val_loader, env, progress=False).top1
+    model.configure_deq(**{**teacher_options, "final_step": False})
+    results["teacher"]["converged"] = evaluate_classifier(model, val_loader, env, progress=False).top1
+
+    # the distilled checkpoint: the run's checkpoint with the student and solver='consistency'
+    k_default = int(min(eval_iters))
+    new_cfg = copy.deepcopy(cfg)
+    new_cfg["deq"].update(solver="consistency", f_thres=k_default, solver_options=None, eval_f_thres=None)
+    new_cfg["model"]["kwargs"] = {**dict(new_cfg["model"].get("kwargs") or {}), "student": True}
+    ident = dict(ckpt["identity"], model_kwargs=dict(ckpt["identity"].get("model_kwargs") or {}, student=True))
+    out = dict(ckpt, identity=ident, config=new_cfg, model=model.state_dict(), model_ema=None, optimizer=None,
+               scheduler=None, scaler=None,
+               distillation=dict(teacher=str(checkpoint), teacher_solver=teacher_solver, teacher_steps=teacher_steps,
+                                 epochs=epochs, lr=lr, ema_decay=ema_decay, seconds=seconds))
+    out["progress"] = dict(ckpt["progress"], step=max(step, schedule.pretrain_steps))  # evaluated in DEQ mode
+    metrics = dict(val_top1_student={str(k): v for k, v in results["student"].items()},
+                   val_top1_teacher={str(k): v for k, v in results["teacher"].items()},
+                   teacher_solver=teacher_options["solver"], teacher_steps=teacher_steps, distill_seconds=seconds,
+                   history=history, default_student_steps=k_default, val_top1=results["student"][k_default],
+                   deq_nstep_mean=float(k_default), deq_rel_residual_mean=math.nan, val_top5=None)
+    if env.is_main:
+        save_atomic(out, output_dir / "distilled.pth")
+        write_json_atomic(metrics, output_dir / "metrics.json")
+    return metrics

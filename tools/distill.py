@@ -1,0 +1,80 @@
+"""Consistency distillation (C-DEQ) of a trained MDEQ classifier: a student that needs 1-4 f-evaluations.
+
+    python tools/distill.py outputs/train_cls/<run>/checkpoints/last.pth            # digits runs need no --data-root
+    python tools/distill.py best.pth --data-root /data/imagenet --teacher-steps 20 --epochs 5
+    python tools/eval_cls.py outputs/distill/<time>/distilled.pth --sweep-iters 1 2 4
+
+The teacher (the checkpoint's model, frozen) runs its solver for --teacher-steps iterations on the train images;
+only the student's small per-resolution generator is trained. The output ``distilled.pth`` evaluates with
+``solver='consistency'`` (its ``max_iter`` = student steps) in eval_cls and publishes with publish_weights.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("checkpoint", help="a train_cls checkpoint (the frozen teacher)")
+    p.add_argument("--data-root", help="the ImageFolder root it was trained on (default: the run's)")
+    p.add_argument("--teacher-solver", default="anderson", choices=["fixed_point", "anderson", "broyden"],
+                   help="solver whose trajectory the student learns (default anderson, as the paper)")
+    p.add_argument("--teacher-steps", type=int, default=16, help="trajectory length K (default 16)")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=4e-3, help="AdamW learning rate (the paper code's 4e-3)")
+    p.add_argument("--ema-decay", type=float, default=0.98)
+    p.add_argument("--global-weight", type=float, default=0.9)
+    p.add_argument("--local-weight", type=float, default=0.1)
+    p.add_argument("--eval-iters", type=int, nargs="+", default=[1, 2, 4],
+                   help="student steps to evaluate; the smallest becomes the checkpoint's default")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--output", help="output folder (default: outputs/distill/<time>)")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    for name in ("teacher_steps", "epochs", "batch_size"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
+    if min(args.eval_iters) < 1:
+        raise SystemExit("--eval-iters must be >= 1")
+    import logging
+
+    import mdeq  # noqa: F401
+    from mdeq.engine.distill import distill_classifier
+    from mdeq.engine.distributed import init_distributed, shutdown_distributed
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    out = Path(args.output or Path("outputs") / "distill" / time.strftime("%Y-%m-%d_%H-%M-%S"))
+    env = init_distributed(args.device)
+    try:
+        m = distill_classifier(args.checkpoint, out, env, data_root=args.data_root, teacher_solver=args.teacher_solver,
+                               teacher_steps=args.teacher_steps, epochs=args.epochs, batch_size=args.batch_size,
+                               lr=args.lr, ema_decay=args.ema_decay, global_weight=args.global_weight,
+                               local_weight=args.local_weight, eval_iters=args.eval_iters, seed=args.seed,
+                               workers=args.workers, progress=not args.no_progress)
+    finally:
+        shutdown_distributed()
+    if env.is_main:
+        print("f-evals  student top-1  teacher top-1")
+        for k in args.eval_iters:
+            print(f"{k:7d}  {m['val_top1_student'][str(k)]:13.2f}  {m['val_top1_teacher'][str(k)]:13.2f}")
+        print(f"teacher at its own budget: {m['val_top1_teacher']['converged']:.2f}%")
+        print(f"distilled checkpoint: {out / 'distilled.pth'} ({m['distill_seconds']:.0f} s); metrics: "
+              f"{out / 'metrics.json'}")
+    return m
+
+
+if __name__ == "__main__":
+    main()
