@@ -222,8 +222,16 @@ class MDEQBackbone(nn.Module):
         return [zs[i] for i in range(self.num_branches)]  # static indexing (FX)
 
     def _init_weights(self) -> None:
-        """The original's init: N(0, 0.01) for convs that are not weight-normed; BN 1/0; GN, Linear default."""
+        """The original's init: N(0, 0.01) for convs that are not weight-normed; BN 1/0; GN, Linear default.
+
+        The Skip DEQ predictor and the C-DEQ student keep their own init (zero last layers: an untrained one
+        predicts zeros / is one teacher step)."""
+        stage = getattr(self, "fullstage", None)
+        own = {id(m) for part in (getattr(stage, "initializer", None), getattr(stage, "student", None))
+               if part is not None for m in part.modules()}
         for m in self.modules():
+            if id(m) in own:
+                continue
             if isinstance(m, nn.Conv2d) and not has_weight_norm(m):
                 nn.init.normal_(m.weight, std=0.01)
                 if m.bias is not None:

@@ -1,0 +1,38 @@
+"""C-DEQ end to end: train a digits classifier, distil a student from it, evaluate the student with eval_cls."""
+import json
+
+import pytest
+
+from mdeq.engine.checkpoint import load_checkpoint
+
+from .conftest import fast_overrides, run_tool
+
+
+@pytest.mark.slow
+def test_distill_then_eval_cls_uses_the_consistency_solver(digits_small, tmp_path):
+    teacher = tmp_path / "teacher"
+    run_tool("train_cls.py", fast_overrides(digits_small, "jac.weight=0.0", "jac.freq=0.0", f"hydra.run.dir={teacher}"),
+             cwd=tmp_path)
+    out = tmp_path / "distill"
+    proc = run_tool("distill.py", [str(teacher / "checkpoints" / "last.pth"), "--data-root", str(digits_small),
+                                   "--teacher-steps", "4", "--epochs", "2", "--batch-size", "10", "--eval-iters", "1",
+                                   "2", "--workers", "0", "--output", str(out), "--no-progress"], cwd=tmp_path)
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(m["val_top1_student"]) == {"1", "2"} and set(m["val_top1_teacher"]) == {"1", "2", "converged"}
+    assert m["teacher_steps"] == 4 and len(m["history"]) == 2 and m["default_student_steps"] == 1
+    assert "f-evals  student top-1  teacher top-1" in proc.stdout
+    ck = load_checkpoint(out / "distilled.pth")
+    assert ck["identity"]["model_kwargs"]["student"] is True and ck["config"]["deq"]["solver"] == "consistency"
+    assert int(ck["model"]["fullstage.student.train_steps"]) == 4
+    res = json.loads((_eval(out / "distilled.pth", digits_small, tmp_path / "ev") / "eval.json").read_text())
+    assert res["solver"]["solver"] == "consistency" and res["solver"]["max_iter"] == 1
+    assert res["top1"] == pytest.approx(m["val_top1_student"]["1"], abs=1e-6)
+    # the teacher's weights are untouched: only the student was trained
+    before, after = load_checkpoint(teacher / "checkpoints" / "last.pth")["model"], ck["model"]
+    assert all(before[k].equal(after[k]) for k in before)
+
+
+def _eval(source, root, out):
+    run_tool("eval_cls.py", [str(source), "--data-root", str(root), "--output", str(out), "--no-progress",
+                             "--workers", "0"], cwd=out.parent)
+    return out
