@@ -55,6 +55,7 @@ __all__ = ["DEQ", "BACKWARDS", "INITS"]
 
 BACKWARDS = ("ift", "phantom", "one_step")
 RUNTIME_OPTIONS = {"student"}  # solver arguments passed at call time (modules), never from configs
+CALL_OPTIONS = {"max_iter", "tol", "stop_mode", "trace", "record", "return_f"}  # set by DEQ from its own settings
 UNROLL = "unroll"
 
 _DEFAULTS: Dict[str, Any] = dict(
@@ -95,7 +96,7 @@ def _check_solver_options(solver: str, options: Optional[dict], which: str) -> d
         if options:
             raise ValueError(f"{which}: solver 'unroll' takes no options, got {sorted(options)}")
         return options
-    allowed = set(solver_options(solver)) - {"max_iter", "tol", "stop_mode", "trace", "record", "return_f"} - RUNTIME_OPTIONS
+    allowed = set(solver_options(solver)) - CALL_OPTIONS - RUNTIME_OPTIONS
     unknown = set(options) - allowed
     if unknown:
         raise ValueError(

@@ -101,8 +101,8 @@ class SegmentationTrainer(Trainer):
         divisor = self.model.cfg.size_divisor
         crop = _size("data.crop_size", d["crop_size"])
         if crop[0] % divisor or crop[1] % divisor:
-            raise ValueError(f"data.crop_size {list(crop)} must be divisible by {divisor} for {self.cfg['model']['name']} "
-                             f"(2^(downsample_times + num_branches - 1))")
+            raise ValueError(f"data.crop_size {list(crop)} must be divisible by {divisor} for "
+                             f"{self.cfg['model']['name']} (2^(downsample_times + num_branches - 1))")
         self.train_set.transform = build_seg_train_transform(
             crop_size=crop, scale_range=tuple(d.get("scale_range") or (1.0, 1.0)), flip=bool(d.get("flip", True)),
             mean=self.mean, std=self.std, ignore_index=self.train_set.ignore_index)
