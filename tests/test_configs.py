@@ -90,6 +90,35 @@ def test_seg_option_groups():
     assert (c.sched.sched, c.sched.decay_rate) == ("poly", 0.9)
 
 
+# the budget benchmark's digits runs: digits_tiny's recipe, no Jacobian penalty, one change each
+CHEAP = {
+    "digits_plain": {},
+    "digits_phantom": {"backward": "phantom"},
+    "digits_skip": {"init": "skip"},
+    "digits_skip_reg": {"init": "skip_reg"},
+    "digits_ode": {"solver": "ode", "f_thres": 16},
+    "digits_stack": {"pretrain_steps": 1000000, "unroll_steps": 8},
+}
+
+
+@pytest.mark.parametrize("name", sorted(CHEAP))
+def test_budget_experiments_change_one_thing_of_the_digits_recipe(name):
+    base, c = _compose("digits_tiny"), _compose(name)
+    assert c.recipe == name and (c.jac.weight, c.jac.freq, c.jac.pretrain_weight) == (0.0, 0.0, 0.0)
+    changed = {k: v for k, v in c.deq.items() if base.deq[k] != v and k != "solver_options"}
+    assert changed == CHEAP[name]
+    assert (c.train.epochs, c.optim.lr, c.data.overrides.input_size) == (base.train.epochs, base.optim.lr, 16)
+
+
+@pytest.mark.parametrize("init", ["skip", "skip_reg"])
+def test_imagenet_skip_experiments_are_the_jr_recipe_with_an_initial_guess(init):
+    jr, c = _compose("imagenet_small_jr"), _compose(f"imagenet_small_{init}")
+    assert c.deq.init == init and c.deq.init_weight == 1.0
+    assert {k: v for k, v in c.deq.items() if jr.deq[k] != v} == {"init": init}
+    assert c.jac == jr.jac and c.optim == jr.optim and c.model == jr.model
+
+
 def test_every_experiment_file_is_covered():
     files = {p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml")}
-    assert files == set(OFFICIAL) | set(SEG_OFFICIAL) | {"digits_tiny", "synthetic_seg"}
+    assert files == set(OFFICIAL) | set(SEG_OFFICIAL) | set(CHEAP) | {
+        "digits_tiny", "synthetic_seg", "imagenet_small_skip", "imagenet_small_skip_reg"}
