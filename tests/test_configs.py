@@ -96,7 +96,6 @@ CHEAP = {
     "digits_phantom": {"backward": "phantom"},
     "digits_skip": {"init": "skip"},
     "digits_skip_reg": {"init": "skip_reg"},
-    "digits_ode": {"solver": "ode", "f_thres": 16},
     "digits_stack": {"pretrain_steps": 1000000, "unroll_steps": 8},
 }
 
@@ -110,6 +109,13 @@ def test_budget_experiments_change_one_thing_of_the_digits_recipe(name):
     assert (c.train.epochs, c.optim.lr, c.data.overrides.input_size) == (base.train.epochs, base.optim.lr, 16)
 
 
+def test_the_continuous_deq_experiment_keeps_the_jacobian_penalty():
+    base, c = _compose("digits_tiny"), _compose("digits_ode")
+    assert c.recipe == "digits_ode" and c.jac == base.jac and c.jac.weight == 1.0
+    assert (c.deq.solver, c.deq.f_thres, dict(c.deq.solver_options)) == (
+        "ode", 16, {"method": "bosh3", "rtol": 0.05, "atol": 0.05})
+
+
 @pytest.mark.parametrize("init", ["skip", "skip_reg"])
 def test_imagenet_skip_experiments_are_the_jr_recipe_with_an_initial_guess(init):
     jr, c = _compose("imagenet_small_jr"), _compose(f"imagenet_small_{init}")
@@ -121,4 +127,4 @@ def test_imagenet_skip_experiments_are_the_jr_recipe_with_an_initial_guess(init)
 def test_every_experiment_file_is_covered():
     files = {p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml")}
     assert files == set(OFFICIAL) | set(SEG_OFFICIAL) | set(CHEAP) | {
-        "digits_tiny", "synthetic_seg", "imagenet_small_skip", "imagenet_small_skip_reg"}
+        "digits_tiny", "digits_ode", "synthetic_seg", "imagenet_small_skip", "imagenet_small_skip_reg"}

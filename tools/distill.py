@@ -30,6 +30,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=4e-3, help="AdamW learning rate (the paper code's 4e-3)")
     p.add_argument("--ema-decay", type=float, default=0.98)
+    p.add_argument("--student-kernel", type=int, default=1, choices=[1, 3],
+                   help="kernel of the student's per-resolution convs: 1 (the C-DEQ recipe) or 3 (spatial context)")
     p.add_argument("--global-weight", type=float, default=0.9)
     p.add_argument("--local-weight", type=float, default=0.1)
     p.add_argument("--eval-iters", type=int, nargs="+", default=[1, 2, 4],
@@ -63,7 +65,8 @@ def main(argv=None) -> dict:
                                teacher_steps=args.teacher_steps, epochs=args.epochs, batch_size=args.batch_size,
                                lr=args.lr, ema_decay=args.ema_decay, global_weight=args.global_weight,
                                local_weight=args.local_weight, eval_iters=args.eval_iters, seed=args.seed,
-                               workers=args.workers, progress=not args.no_progress)
+                               workers=args.workers, progress=not args.no_progress,
+                               student_kernel_size=args.student_kernel)
     finally:
         shutdown_distributed()
     if env.is_main:

@@ -250,9 +250,13 @@ class Trainer:
         raise NotImplementedError
 
     def identity(self) -> Dict[str, Any]:
-        """What a resumed run must share with this one (architecture, classes, ...)."""
-        return dict(arch=self.cfg["model"]["name"], num_classes=self.num_classes,
-                    model_kwargs=dict(self.cfg["model"].get("kwargs") or {}), task=self.task)
+        """What a resumed run must share with this one (architecture, classes, ...); ``model_kwargs`` rebuild
+        the same modules (a Skip DEQ predictor needs ``deq.init``)."""
+        kwargs = dict(self.cfg["model"].get("kwargs") or {})
+        init = model_deq_options(self.cfg).get("init", "zeros")
+        if init != "zeros":
+            kwargs["deq"] = {**dict(kwargs.get("deq") or {}), "init": init}
+        return dict(arch=self.cfg["model"]["name"], num_classes=self.num_classes, model_kwargs=kwargs, task=self.task)
 
     def extra_state(self) -> Dict[str, Any]:
         """Extra checkpoint entries that tools read back (class names, data config)."""

@@ -37,11 +37,11 @@ __all__ = ["distill_classifier"]
 _log = logging.getLogger("mdeq.distill")
 
 
-def _teacher_and_student(ckpt: Dict[str, Any]) -> nn.Module:
+def _teacher_and_student(ckpt: Dict[str, Any], kernel_size: int = 1) -> nn.Module:
     """The checkpoint's model rebuilt with a student; the teacher's weights loaded, everything but G frozen."""
     ident = ckpt["identity"]
     kwargs = copy.deepcopy(dict(ident.get("model_kwargs") or {}))
-    kwargs["student"] = True
+    kwargs.update(student=True, student_kernel_size=int(kernel_size))
     model = timm.create_model(ident["arch"], num_classes=ident["num_classes"], **kwargs)
     missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
     if unexpected or any(not k.startswith("fullstage.student.") for k in missing):
@@ -57,7 +57,8 @@ def distill_classifier(checkpoint: str, output_dir: Path, env: DistEnv, data_roo
                        teacher_solver: str = "anderson", teacher_steps: int = 16, epochs: int = 10,
                        batch_size: int = 64, lr: float = 4e-3, weight_decay: float = 0.0, ema_decay: float = 0.98,
                        global_weight: float = 0.9, local_weight: float = 0.1, eval_iters: Sequence[int] = (1, 2, 4),
-                       seed: int = 0, workers: int = 2, progress: bool = True) -> Dict[str, Any]:
+                       seed: int = 0, workers: int = 2, progress: bool = True,
+                       student_kernel_size: int = 1) -> Dict[str, Any]:
     """Distil a student into the classifier of ``checkpoint``; writes ``distilled.pth`` and ``metrics.json``."""
     from .trainer import build_schedule
 
@@ -68,7 +69,7 @@ def distill_classifier(checkpoint: str, output_dir: Path, env: DistEnv, data_roo
         raise ValueError(f"{checkpoint} is not a classification training checkpoint of this package")
     cfg = ckpt["config"]
     torch.manual_seed(seed)
-    model = _teacher_and_student(ckpt).to(env.device).eval()  # eval: BatchNorm statistics stay the teacher's
+    model = _teacher_and_student(ckpt, student_kernel_size).to(env.device).eval()  # eval: BatchNorm statistics stay the teacher's
     schedule = build_schedule(cfg, model)
     step = int(ckpt["progress"]["step"])
     schedule.apply_eval(model, step)  # the teacher's own DEQ settings, for the comparison below
@@ -146,8 +147,9 @@ def distill_classifier(checkpoint: str, output_dir: Path, env: DistEnv, data_roo
     k_default = int(min(eval_iters))
     new_cfg = copy.deepcopy(cfg)
     new_cfg["deq"].update(solver="consistency", f_thres=k_default, solver_options=None, eval_f_thres=None)
-    new_cfg["model"]["kwargs"] = {**dict(new_cfg["model"].get("kwargs") or {}), "student": True}
-    ident = dict(ckpt["identity"], model_kwargs=dict(ckpt["identity"].get("model_kwargs") or {}, student=True))
+    student_kwargs = dict(student=True, student_kernel_size=int(student_kernel_size))
+    new_cfg["model"]["kwargs"] = {**dict(new_cfg["model"].get("kwargs") or {}), **student_kwargs}
+    ident = dict(ckpt["identity"], model_kwargs={**dict(ckpt["identity"].get("model_kwargs") or {}), **student_kwargs})
     out = dict(ckpt, identity=ident, config=new_cfg, model=model.state_dict(), model_ema=None, optimizer=None,
                scheduler=None, scaler=None,
                distillation=dict(teacher=str(checkpoint), teacher_solver=teacher_solver, teacher_steps=teacher_steps,

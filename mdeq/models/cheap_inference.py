@@ -4,9 +4,9 @@
   from the injection: a 3x3 conv at the top resolution, then one stride-2 3x3 conv per lower branch, each
   followed by a zero-initialised 1x1 conv to the branch width, so an untrained initializer predicts zeros
   (the plain DEQ's start) and training moves it towards z*.
-* ``MultiscaleGenerator`` (C-DEQ, Lin et al.): G(s, t) per resolution, s_i + 1x1(ReLU(1x1(s_i) + e_i(t))) with
-  a time embedding e_i(t) of log(t/T); the last 1x1 starts at zero, so an untrained student is one teacher
-  step. The consistency solver hands it the packed (B, D) state: the stage sets ``packer`` to unpack it.
+* ``MultiscaleGenerator`` (C-DEQ, Lin et al.): G(s, t) per resolution, s_i + 1x1(ReLU(kxk(s_i) + e_i(t))) with
+  a time embedding e_i(t) of log(t/T) (k = 1 as in the C-DEQ recipe, or 3 for spatial context); the last 1x1
+  starts at zero, so an untrained student is one teacher step. The consistency solver hands it the packed (B, D) state: the stage sets ``packer`` to unpack it.
 """
 from __future__ import annotations
 
@@ -58,12 +58,15 @@ class MultiscaleGenerator(nn.Module):
     """C-DEQ's G for MDEQ states: per-resolution 1x1 convs conditioned on the time (see the module docstring)."""
 
     def __init__(self, channels: Sequence[int], T: float = 5.0, hidden_factor: int = 1, time_dim: int = 16,
-                 device=None, dtype=None):
+                 kernel_size: int = 1, device=None, dtype=None):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
+        if kernel_size not in (1, 3):
+            raise ValueError(f"student_kernel_size must be 1 or 3, got {kernel_size}")
         self.T = float(T)
         self.time_mlp = nn.Sequential(nn.Linear(1, time_dim, **dd), nn.SiLU())
-        self.inp = nn.ModuleList([nn.Conv2d(c, c * hidden_factor, 1, **dd) for c in channels])
+        self.inp = nn.ModuleList([nn.Conv2d(c, c * hidden_factor, kernel_size, padding=kernel_size // 2, **dd)
+                                  for c in channels])
         self.time = nn.ModuleList([nn.Linear(time_dim, c * hidden_factor, **dd) for c in channels])
         self.out = nn.ModuleList([nn.Conv2d(c * hidden_factor, c, 1, **dd) for c in channels])
         for conv in self.out:

@@ -35,6 +35,7 @@ class MDEQConfig:
     final_chansize: int = 2048
     num_layers: int = 5
     student: bool = False   # build the C-DEQ student (also built for deq solver='consistency')
+    student_kernel_size: int = 1  # the student generator's convs: 1 (per-pixel, the C-DEQ recipe) or 3
     deq: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):

@@ -62,7 +62,8 @@ class MDEQStage(MDEQCell):
         self.initializer = MultiscaleInitializer(cfg.num_channels[0], cfg.num_channels, cfg.num_groups, **dd) \
             if deq_options.get("init") == "skip" else None
         # C-DEQ's student, built for solver="consistency" (or cfg.student=True, to distil into it)
-        self.student = ConsistencyFunction(MultiscaleGenerator(cfg.num_channels, **dd)) \
+        self.student = ConsistencyFunction(MultiscaleGenerator(cfg.num_channels, kernel_size=cfg.student_kernel_size,
+                                                               **dd)) \
             if (deq_options.get("solver") == "consistency" or cfg.student) else None
 
     def __getstate__(self):
