@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmarks of mdeq-zoo. Usage: python tools/benchmark.py {solvers,models,train,seg} [options] [--out DIR]
+"""Benchmarks of mdeq-zoo. Usage: python tools/benchmark.py {solvers,models,train,seg,budget} [options] [--out DIR]
 
 solvers   f-evaluations, wall time and solver-overhead ratio of every solver on a fixed suite
           (see mdeq/benchmarks/solvers.py for the problems and the timing method)
@@ -9,6 +9,11 @@ train     samples/s and peak memory of a training step: mdeq_small in DEQ mode a
           max_iter 8/16/32, and hrnet_w18_small (see mdeq/benchmarks/training.py)
 seg       eval forward time, solver steps and peak memory of the mdeq_small segmentation model at
           512x1024 and 1024x2048 (batch 1), DEQ mode and unrolled (see mdeq/benchmarks/segmentation.py)
+budget    trains plain DEQ, DEQ + JR, phantom gradient, Skip DEQ, Skip Reg. DEQ, continuous DEQ, the residual
+          stack and C-DEQ (distilled from plain) on the same data with the same budget: val top-1 at 1-16
+          f-evaluations and at convergence, training time and peak memory (budget.md/.json/.png; the runs go
+          under <out>/budget_runs/, and a rerun reuses finished ones unless --retrain; see
+          mdeq/benchmarks/budget.py). --data-root DIR trains on an ImageFolder (e.g. MNIST) instead of the digits
 """
 import argparse
 import sys
@@ -16,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from mdeq.benchmarks import budget as budget_bench  # noqa: E402
 from mdeq.benchmarks import models as model_bench  # noqa: E402
 from mdeq.benchmarks import segmentation as seg_bench  # noqa: E402
 from mdeq.benchmarks import solvers as solver_bench  # noqa: E402
@@ -69,6 +75,30 @@ def main(argv=None) -> int:
                    help="weights (safetensors or an official Cityscapes .pkl); default: random init")
     g.add_argument("--threads", type=int, default=None)
     g.add_argument("--out", type=Path, default=Path("results/benchmarks"))
+    b = sub.add_parser("budget", help="accuracy vs f-evaluations, training time and memory of the DEQ training methods")
+    b.add_argument("--methods", nargs="+", choices=list(budget_bench.METHODS), default=list(budget_bench.METHODS),
+                   help="methods to train and compare (default: all; cdeq brings plain, its teacher)")
+    b.add_argument("--epochs", type=int, default=None,
+                   help="training epochs of every method (default: the recipes' 12)")
+    b.add_argument("--evals", type=int, nargs="+", default=list(budget_bench.DEFAULT_EVALS),
+                   help="f-evaluation budgets to evaluate at (default 1 2 4 8 16)")
+    b.add_argument("--jobs", type=int, default=1, help="trainings at once (default 1; cdeq waits for plain)")
+    b.add_argument("--threads", type=int, default=None,
+                   help="torch/OMP threads per training and for the evaluation (default: CPUs / jobs)")
+    b.add_argument("--retrain", action="store_true",
+                   help="train every method again (default: reuse runs under <out>/budget_runs/ that finished)")
+    b.add_argument("--data-root", type=Path,
+                   help="ImageFolder root (train/ and val/, e.g. MNIST as PNGs) instead of the bundled digits: "
+                        "data=imagefolder data.root=DIR with the digits recipes' settings")
+    b.add_argument("--distill-epochs", type=int, default=10, help="C-DEQ distillation epochs (default 10)")
+    b.add_argument("--memory-depths", type=int, nargs="*", default=[8, 16],
+                   help="depths of the one-step memory comparison DEQ vs stack (default 8 16; none: skip it)")
+    b.add_argument("--train-overrides", nargs="+", default=[], metavar="[METHOD:]KEY=VALUE",
+                   help="extra Hydra overrides appended to every training command (METHOD:KEY=VALUE: to that "
+                        "method's only), e.g. skip:deq.init_weight=0.1")
+    b.add_argument("--distill-args", default="", help="extra tools/distill.py options, one quoted string "
+                                                      "(e.g. \"--teacher-steps 8 --batch-size 32\")")
+    b.add_argument("--out", type=Path, default=Path("results/benchmarks"))
     args = parser.parse_args(argv)
 
     if args.command == "solvers":
@@ -135,6 +165,31 @@ def main(argv=None) -> int:
         print()
         print(seg_bench.to_markdown(result))
         print(f"wrote {paths['json']} and {paths['markdown']}")
+    elif args.command == "budget":
+        import shlex
+
+        for name in ("epochs", "jobs", "threads", "distill_epochs"):
+            if getattr(args, name) is not None and getattr(args, name) < 1:
+                parser.error(f"--{name.replace('_', '-')} must be at least 1")
+        if min(args.evals) < 1 or any(d < 1 for d in args.memory_depths):
+            parser.error("--evals and --memory-depths must be at least 1")
+        if args.data_root is not None and not args.data_root.is_dir():
+            parser.error(f"--data-root {args.data_root} is not a folder")
+        try:
+            result = budget_bench.run(args.methods, args.out.resolve() / "budget_runs", epochs=args.epochs,
+                                      evals=args.evals, jobs=args.jobs, threads=args.threads, retrain=args.retrain,
+                                      data_root=args.data_root.resolve() if args.data_root else None,
+                                      distill_epochs=args.distill_epochs, memory_depths=args.memory_depths,
+                                      train_overrides=args.train_overrides,
+                                      distill_args=shlex.split(args.distill_args))
+        except ValueError as err:
+            parser.error(str(err))
+        paths = budget_bench.save(result, args.out)
+        print()
+        print(budget_bench.to_markdown(result))
+        print(f"wrote {paths['json']}, {paths['markdown']} and {paths['png']}")
+        if any(r.get("error") for r in result["methods"].values()):
+            return 1
     return 0
 
 

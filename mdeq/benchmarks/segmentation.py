@@ -10,7 +10,7 @@ of a fixed random image. Reported per configuration:
 * ``nfe``: f-evaluations of the last forward; ``mean_nstep``: its per-sample solver steps; ``rel_residual`` /
   ``abs_residual``: the residual of the returned state (unrolled: ``||z_N - z_{N-1}||``, relative to ``||z_N||``);
 * ``peak_mb``: on CUDA ``torch.cuda.max_memory_allocated`` during the timed forwards; on CPU the growth of the
-  process's peak resident set (``ru_maxrss``) over its size just before the warm-up forward.
+  process's peak resident set (VmHWM) over its size just before the warm-up forward.
 
 DEQ mode uses the preset's official solver settings (Broyden, full memory, ``f_thres`` iterations, its
 tolerance and stop mode); ``max_iter`` and ``tol`` override the budget and the tolerance (``tol=0`` runs the
@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .training import _rss_mb
+from .training import _peak_rss_mb, _rss_mb
 
 __all__ = ["run", "run_one", "to_markdown", "save", "default_configs", "parse_size", "DEFAULT_SIZES"]
 
@@ -82,8 +82,6 @@ def run_one(model: str, height: int, width: int, mode: str, max_iter: int, tol: 
             device: str = "cpu", amp: Optional[str] = None, checkpoint: Optional[str] = None,
             threads: Optional[int] = None, num_classes: int = 19) -> Dict:
     """Measure one configuration in this process (``run`` calls it in a fresh subprocess)."""
-    import resource
-
     import torch
 
     from mdeq.engine.weights import read_state_dict
@@ -124,7 +122,7 @@ def run_one(model: str, height: int, width: int, mode: str, max_iter: int, tol: 
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2 ** 20
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base_rss  # ru_maxrss is in KiB
+        peak = _peak_rss_mb() - base_rss
     s = net.deq_stats
     return dict(model=model, input=f"{height}x{width}", height=height, width=width, batch=1, mode=mode,
                 solver=opts["solver"], max_iter=max_iter, tol=tol, stop_mode=opts["stop_mode"],

@@ -6,7 +6,7 @@ fixed random batch. Reported per configuration:
 
 * ``samples_per_s``: batch / median step time;
 * ``peak_mb``: on CUDA ``torch.cuda.max_memory_allocated`` during the timed steps; on CPU the growth of
-  the process's peak resident set (``ru_maxrss``) over its size just before the first step;
+  the process's peak resident set (VmHWM) over its size just before the first step;
 * ``saved_mb``: bytes autograd saved for backward in one step (``saved_tensors_hooks``), the part of the
   memory that grows with depth in unrolled mode and must not in DEQ mode.
 
@@ -43,12 +43,22 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM). Unlike ``ru_maxrss`` it starts afresh at exec, so a large parent that
+    launched the measurement does not set a floor under it."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def run_one(model: str, mode: str, max_iter: int, size: int = 224, batch: int = 8, repeats: int = 2,
             device: str = "cpu", amp: Optional[str] = None, compile_cell: bool = False,
             threads: Optional[int] = None) -> Dict:
     """Measure one configuration in this process (``run`` calls it in a fresh subprocess)."""
-    import resource
-
     import timm
     import torch
 
@@ -106,7 +116,7 @@ def run_one(model: str, mode: str, max_iter: int, size: int = 224, batch: int = 
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2 ** 20
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base_rss  # ru_maxrss is in KiB
+        peak = _peak_rss_mb() - base_rss
     sec = statistics.median(times)
     stats = getattr(net, "deq_stats", None)
     fwd = stats.nfe if stats is not None else 0

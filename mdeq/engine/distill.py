@@ -39,8 +39,10 @@ _log = logging.getLogger("mdeq.distill")
 
 def _teacher_and_student(ckpt: Dict[str, Any], kernel_size: int = 1) -> nn.Module:
     """The checkpoint's model rebuilt with a student; the teacher's weights loaded, everything but G frozen."""
+    from .model_source import _model_kwargs
+
     ident = ckpt["identity"]
-    kwargs = copy.deepcopy(dict(ident.get("model_kwargs") or {}))
+    kwargs = copy.deepcopy(_model_kwargs(ident, ckpt["config"]))
     kwargs.update(student=True, student_kernel_size=int(kernel_size))
     model = timm.create_model(ident["arch"], num_classes=ident["num_classes"], **kwargs)
     missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)

@@ -64,7 +64,7 @@ def _from_training_checkpoint(path: Path, ckpt: Dict[str, Any], use_ema: bool) -
     from .trainer import build_schedule
 
     ident, cfg = ckpt["identity"], ckpt["config"]
-    model = timm.create_model(ident["arch"], num_classes=ident["num_classes"], **ident.get("model_kwargs", {}))
+    model = timm.create_model(ident["arch"], num_classes=ident["num_classes"], **_model_kwargs(ident, cfg))
     weights = ckpt["model"]
     if use_ema:
         if ckpt.get("model_ema") is None:
@@ -144,7 +144,7 @@ def _seg_from_training_checkpoint(path: Path, ckpt: Dict[str, Any], use_ema: boo
     if ident.get("task") != "segmentation":
         raise ValueError(f"{path} is a {ident.get('task', 'classification')} checkpoint; eval_seg evaluates "
                          f"segmentation models (use tools/eval_cls.py)")
-    model = create_segmentation_model(ident["arch"], num_classes=ident["num_classes"], **ident.get("model_kwargs", {}))
+    model = create_segmentation_model(ident["arch"], num_classes=ident["num_classes"], **_model_kwargs(ident, cfg))
     weights = ckpt["model"]
     if use_ema:
         if ckpt.get("model_ema") is None:
@@ -156,3 +156,15 @@ def _seg_from_training_checkpoint(path: Path, ckpt: Dict[str, Any], use_ema: boo
     return LoadedModel(model=model, arch=ident["arch"], description=f"training checkpoint {path} (step {step})",
                        classes=ckpt.get("classes"), data_cfg=ckpt.get("data_cfg"), config=cfg, schedule=schedule,
                        step=step, extra=dict(palette=ckpt.get("palette"), ignore_index=ckpt.get("ignore_index")))
+
+
+def _model_kwargs(ident: Dict[str, Any], cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """The identity's model kwargs, with the run's ``deq.init`` (checkpoints written before the identity
+    recorded it lack the Skip DEQ predictor's setting)."""
+    from .base_trainer import model_deq_options
+
+    kwargs = dict(ident.get("model_kwargs") or {})
+    init = model_deq_options(cfg).get("init", "zeros")
+    if init != "zeros" and "init" not in dict(kwargs.get("deq") or {}):
+        kwargs["deq"] = {**dict(kwargs.get("deq") or {}), "init": init}
+    return kwargs

@@ -77,3 +77,63 @@ def test_segmentation_benchmark_reports_deq_and_unrolled_per_size(tmp_path, caps
     assert "| mdeq_small | 64x128 | deq | broyden | 3 | " in table
     assert "| mdeq_small | 64x128 | unroll | unroll | 2 | " in table
     assert "Random weights" in table and "wrote" in capsys.readouterr().out
+
+
+def test_budget_benchmark_trains_evaluates_and_reuses_runs(tmp_path, digits_small):
+    """plain, Skip DEQ, the residual stack and C-DEQ on 60 digits (FAST-style settings): exact budgets, a row per
+    method, the plot, and a second invocation that reuses the finished runs instead of training again."""
+    tool = _load_tool()
+    train = ["data.batch_size=10", "data.eval_batch_size=15", "data.workers=0", "train.precise_bn_batches=2",
+             "deq.f_thres=3", "deq.b_thres=3", "deq.unroll_steps=2", "skip:deq.init_weight=0.5"]
+    args = ["budget", "--methods", "plain", "skip", "stack", "cdeq", "--evals", "1", "2", "--epochs", "3",
+            "--jobs", "2", "--threads", "1", "--data-root", str(digits_small), "--distill-epochs", "1",
+            "--distill-args", "--batch-size 10 --teacher-steps 4 --workers 0", "--out", str(tmp_path),
+            "--train-overrides", *train]
+    assert tool.main(args + ["--memory-depths", "2"]) == 0
+    result = json.loads((tmp_path / "budget.json").read_text())
+    methods = result["methods"]
+    assert list(methods) == ["plain", "skip", "stack", "cdeq"]
+    for name, m in methods.items():
+        assert [b["nfe"] for b in m["budgets"]] == [1, 2] and all(b["exact"] for b in m["budgets"]), name
+        assert all(0.0 <= b["top1"] <= 100.0 for b in m["budgets"]) and 0.0 <= m["converged"]["top1"] <= 100.0
+        assert m["val_images"] == 30 and m["peak_mb"] > 0 and m["wall_s"] > 0 and m["train_seconds"] >= 0
+        assert not m["reused"]
+    assert methods["stack"]["base_solver"] == "unroll" and methods["stack"]["converged"]["deq_nstep_mean"] == 2
+    assert methods["cdeq"]["base_solver"] == "consistency"
+    assert methods["plain"]["converged"]["max_iter"] == 50 and methods["plain"]["base_solver"] == "anderson"
+    # the scoped override reached Skip DEQ only; with --data-root the recipes are renamed and pre-train 2 epochs
+    assert "deq.init_weight=0.5" in methods["skip"]["command"] and "init_weight" not in methods["plain"]["command"]
+    assert "recipe=budget-digits_plain" in methods["plain"]["command"]
+    assert "deq.pretrain_steps=12" in methods["plain"]["command"]
+    assert "pretrain_steps" not in methods["stack"]["command"]
+    mem = {(r["mode"], r["max_iter"]) for r in result["memory"]["rows"]}
+    assert mem == {("deq", 2), ("unroll", 2)}
+    assert set(result["targets"]) == {"cheap_inference", "memory"}  # no jr: its target is not evaluated
+    table = (tmp_path / "budget.md").read_text()
+    assert "| method | recipe | top-1 @1 | top-1 @2 | converged (mean steps) | train s | process s | " in table
+    for label in ("plain DEQ", "Skip DEQ", "residual stack", "C-DEQ (from plain)"):
+        assert f"| {label} | " in table
+    assert "Targets" in table and "JR with half the f-evaluations: not evaluated" in table
+    assert (tmp_path / "budget.png").stat().st_size > 0
+
+    runs = tmp_path / "budget_runs"
+    stamps = {n: (runs / n / "metrics.json").stat().st_mtime_ns for n in methods}
+    assert tool.main(args + ["--memory-depths"]) == 0  # no --retrain: nothing is trained again
+    again = json.loads((tmp_path / "budget.json").read_text())
+    assert all(m["reused"] for m in again["methods"].values())
+    assert {n: (runs / n / "metrics.json").stat().st_mtime_ns for n in methods} == stamps
+    for name, m in again["methods"].items():  # the recorded training numbers come back with the same evaluation
+        assert m["peak_mb"] == methods[name]["peak_mb"] and m["budgets"] == methods[name]["budgets"]
+    assert again["memory"] is None and "not measured" in (tmp_path / "budget.md").read_text()
+    assert "(reused)" in (tmp_path / "budget.md").read_text()
+    # an edited recipe is not reused: the run's saved config no longer matches what the command composes
+    import shlex
+    import sys
+
+    from mdeq.benchmarks import budget
+
+    cmd = [sys.executable] + shlex.split(methods["plain"]["command"])
+    assert not budget._recipe_changed(cmd, runs / "plain")
+    saved = runs / "plain" / ".hydra" / "config.yaml"
+    saved.write_text(saved.read_text().replace("f_thres: 3", "f_thres: 4"))
+    assert budget._recipe_changed(cmd, runs / "plain")
