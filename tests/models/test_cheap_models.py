@@ -28,7 +28,8 @@ def test_skip_init_builds_a_multiscale_predictor_that_learns(x):
 
 
 def test_warm_start_and_bad_z0(x):
-    model = timm.create_model("mdeq_tiny", num_classes=10, deq=dict(max_iter=30, tol=1e-5)).eval()
+    model = timm.create_model("mdeq_tiny", num_classes=10, deq=dict(max_iter=12, tol=1e-3)).eval()
+    x = x[:1, :, :16, :16]
     with torch.no_grad():
         model(x)
         cold = model.deq_stats.nstep.float().mean()
