@@ -21,15 +21,12 @@ show its budget, not the convergence of a trained model: pass a Cityscapes check
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from .report import run_in_subprocess
 from .training import _peak_rss_mb, _rss_mb
 
 __all__ = ["run", "run_one", "to_markdown", "save", "default_configs", "parse_size", "DEFAULT_SIZES"]
@@ -142,15 +139,7 @@ def run(configs: Optional[Sequence[Dict]] = None, repeats: int = 2, device: str 
     for c in configs:
         args = dict(c, repeats=repeats, device=device, amp=amp, threads=threads,
                     checkpoint=str(checkpoint) if checkpoint else None)
-        code = ("import json,sys; from mdeq.benchmarks.segmentation import run_one; "
-                "print('RESULT ' + json.dumps(run_one(**json.loads(sys.argv[1]))))")
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[2]),
-                                                           os.environ.get("PYTHONPATH", "")]))
-        proc = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True, env=env)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode != 0 or not lines:
-            raise RuntimeError(f"benchmark configuration {c} failed:\n{proc.stderr[-3000:]}")
-        row = json.loads(lines[-1][len("RESULT "):])
+        row = run_in_subprocess("mdeq.benchmarks.segmentation", args)
         rows.append(row)
         progress(f"  {row['model']:12s} {row['input']:>9s} {row['mode']:6s} {row['solver']:8s} "
                  f"iters={row['max_iter']:3d}  {row['forward_ms']:10.1f} ms  nfe={row['nfe']:3d}  "

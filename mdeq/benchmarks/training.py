@@ -17,14 +17,13 @@ and a tolerance of 0 so every run makes exactly ``max_iter`` iterations; unrolle
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
+
+from .report import run_in_subprocess
 
 __all__ = ["run", "run_one", "to_markdown", "save", "default_configs"]
 
@@ -136,15 +135,7 @@ def run(configs: Optional[Sequence[Dict]] = None, size: int = 224, batch: int = 
     for c in configs:
         args = dict(c, size=size, batch=batch, repeats=repeats, device=device, amp=amp, compile_cell=compile_cell,
                     threads=threads)
-        code = ("import json,sys; from mdeq.benchmarks.training import run_one; "
-                "print('RESULT ' + json.dumps(run_one(**json.loads(sys.argv[1]))))")
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[2]),
-                                                           os.environ.get("PYTHONPATH", "")]))
-        proc = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True, env=env)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode != 0 or not lines:
-            raise RuntimeError(f"benchmark configuration {c} failed:\n{proc.stderr[-3000:]}")
-        row = json.loads(lines[-1][len("RESULT "):])
+        row = run_in_subprocess("mdeq.benchmarks.training", args)
         rows.append(row)
         progress(f"  {row['model']:16s} {row['mode']:8s} iters={row['max_iter']:3d}  {row['samples_per_s']:8.2f} "
                  f"samples/s  peak {row['peak_mb']:8.1f} MB  saved {row['saved_mb']:8.1f} MB")

@@ -16,6 +16,7 @@ RNG state is saved, so the other ranks reseed from (seed, rank, step): reproduci
 from __future__ import annotations
 
 import contextlib
+from abc import ABC, abstractmethod
 import logging
 import math
 import os
@@ -108,7 +109,7 @@ class Progress:
         return cls(**state)
 
 
-class Trainer:
+class Trainer(ABC):
     """The task-independent training loop, built from a resolved config dict; see the module docstring.
 
     A task subclass sets ``task`` and ``score_name`` (the validation number ``best.pth`` follows) and
@@ -192,62 +193,62 @@ class Trainer:
             self._check_compatible(self._resume_ckpt, resume)
 
     # ------------------------------------------------------------------ what a task provides
+    @abstractmethod
     def build_datasets(self) -> Tuple[Dataset, Dataset]:
         """task: (train set, val set); both have ``classes`` and a settable ``transform``."""
-        raise NotImplementedError
 
     eval_collate = None  # a task's collate function for evaluation batches (None: default_collate)
 
+    @abstractmethod
     def build_model(self) -> nn.Module:
         """task: the model, on the CPU, with any starting weights loaded."""
-        raise NotImplementedError
 
+    @abstractmethod
     def setup_transforms(self) -> None:
         """task: set the datasets' transforms (called once the model exists)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def setup_loss(self) -> None:
         """task: build what ``criterion`` and ``prepare_batch`` use."""
-        raise NotImplementedError
 
     def prepare_batch(self, images: torch.Tensor, targets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """A training batch on the device, before the forward (e.g. mixup)."""
         return images, targets
 
+    @abstractmethod
     def criterion(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """task: the training loss of a batch (called under autocast)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def evaluate(self, model: nn.Module, desc: str) -> Any:
         """task: evaluate ``model`` on the val loader (all ranks take part; every rank gets the totals)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def score(self, result: Any) -> float:
         """task: the number ``best.pth`` follows (higher is better)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def eval_scalars(self, result: Any) -> Dict[str, float]:
         """task: TensorBoard scalars of an evaluation (logged under val/ and val_ema/)."""
-        raise NotImplementedError
 
     def log_eval_details(self, model: nn.Module, result: Any, prefix: str, step: int) -> None:
         """More than scalars for TensorBoard (per-class numbers, images); nothing by default."""
 
+    @abstractmethod
     def val_row(self, result: Optional[Any], prefix: str = "val_") -> Dict[str, Any]:
         """task: the CSV columns of an evaluation; blank values when ``result`` is None (same columns)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def final_metrics(self, result: Any) -> Dict[str, Any]:
         """task: the task's numbers in ``metrics.json``."""
-        raise NotImplementedError
 
     def hparam_metrics(self, metrics: Mapping[str, Any]) -> Dict[str, float]:
         """The metrics shown next to the config in TensorBoard's HPARAMS tab."""
         return {self.score_name: metrics[self.score_name]}
 
+    @abstractmethod
     def report_lines(self, metrics: Mapping[str, Any]) -> List[str]:
         """task: the lines printed at the end of a run, between the header and the file paths."""
-        raise NotImplementedError
 
     def identity(self) -> Dict[str, Any]:
         """What a resumed run must share with this one (architecture, classes, ...); ``model_kwargs`` rebuild
@@ -265,9 +266,9 @@ class Trainer:
     def restore_extra(self, ckpt: Mapping[str, Any]) -> None:
         """Read back what ``extra_state`` saved, on resume; nothing by default."""
 
+    @abstractmethod
     def bn_dataset(self) -> Dataset:
         """task: the images precise BN recomputes the statistics from (a deterministic view of the train set)."""
-        raise NotImplementedError
 
     # ------------------------------------------------------------------ setup helpers
     def _amp_dtype(self) -> Optional[torch.dtype]:

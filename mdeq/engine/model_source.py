@@ -37,12 +37,7 @@ def load_model_for_eval(source: str, model_name: Optional[str] = None, num_class
                         use_ema: bool = False) -> LoadedModel:
     path = Path(source)
     if path.is_file():
-        raw = None
-        if path.suffix != ".safetensors":
-            try:
-                raw = load_checkpoint(path)
-            except Exception:
-                raw = None
+        raw = _read_file(path)
         if isinstance(raw, dict) and "identity" in raw and "model" in raw:
             if raw["identity"].get("task", "classification") != "classification":
                 raise ValueError(f"{path} is a {raw['identity']['task']} checkpoint; eval_cls evaluates classifiers "
@@ -103,12 +98,7 @@ def load_segmentation_model_for_eval(source: str, model_name: Optional[str] = No
 
     path = Path(source)
     if path.is_file():
-        raw = None
-        if path.suffix != ".safetensors":
-            try:
-                raw = load_checkpoint(path)
-            except Exception:
-                raw = None
+        raw = _read_file(path)
         if isinstance(raw, dict) and "identity" in raw and "model" in raw:
             return _seg_from_training_checkpoint(path, raw, use_ema)
         if use_ema:
@@ -168,3 +158,14 @@ def _model_kwargs(ident: Dict[str, Any], cfg: Dict[str, Any]) -> Dict[str, Any]:
     if init != "zeros" and "init" not in dict(kwargs.get("deq") or {}):
         kwargs["deq"] = {**dict(kwargs.get("deq") or {}), "init": init}
     return kwargs
+
+
+def _read_file(path: Path) -> Optional[Any]:
+    """The unpickled content of a .pth/.pkl-style file (a training checkpoint or a state dict), or None when it is
+    safetensors or not a safe pickle (``read_state_dict`` then reads it and reports what is wrong)."""
+    if path.suffix == ".safetensors":
+        return None
+    try:
+        return load_checkpoint(path)
+    except Exception:
+        return None
