@@ -8,7 +8,8 @@
   DDP-friendly, and the saved tensors are those of one application of f, whatever the solver depth.
 * ``phantom``: k damped unrolled steps h <- tau f(h) + (1 - tau) h from z* with ordinary autograd
   (Geng et al. 2021); ``one_step`` is k = 1, tau = 1 (Jacobian-free backprop, Fung et al. 2022).
-* ``unroll``: f applied exactly k times from z0 with ordinary autograd (the official pre-training mode).
+
+(The official pre-training mode, f applied k times from z0 with ordinary autograd, is the ``unroll`` solver.)
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 
 from .solvers import SolverStats
 
-__all__ = ["implicit", "phantom", "unroll"]
+__all__ = ["implicit", "phantom"]
 
 FlatFn = Callable[[torch.Tensor], torch.Tensor]
 BackwardSolve = Callable[[FlatFn, torch.Tensor], Tuple[torch.Tensor, SolverStats]]
@@ -71,13 +72,3 @@ def phantom(f: FlatFn, z_star: torch.Tensor, steps: int, damping: float, z_requi
         h = f(h) if damping == 1 else torch.lerp(h, f(h), damping)
     return h, fz, z
 
-
-def unroll(f: FlatFn, z0: torch.Tensor, steps: int, keep: bool = False):
-    """f applied ``steps`` times from z0 with autograd. Returns (z_steps, z_{steps-1}, [z_0..z_steps] if keep)."""
-    z = prev = z0
-    states = [z0] if keep else []
-    for _ in range(steps):
-        prev, z = z, f(z)
-        if keep:
-            states.append(z)
-    return z, prev, states

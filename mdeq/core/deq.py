@@ -15,178 +15,228 @@
       ``stats.backward`` once backward has run;
     - ``backward="phantom"``: ``phantom_steps`` damped unrolled steps from z* (damping ``phantom_damping``);
     - ``backward="one_step"``: f(z*) with the Jacobian-free gradient.
-* ``solver="unroll"`` applies f exactly ``max_iter`` times from z0 with ordinary autograd (MDEQ pre-training);
-  its stats describe the last step, ||z_N - z_{N-1}||.
+* A *differentiable* solver (``solver="unroll"``: f applied exactly ``max_iter`` times from z0, MDEQ's
+  pre-training) runs under autograd and its result carries its own gradient; no backward is attached.
 * ``jac_probes=k`` at call time adds the Hutchinson Jacobian penalty ``stats.jac_loss`` computed at the
   returned equilibrium (differentiable).
 * Initial guess (``init``): ``"zeros"`` uses the caller's z0 (zeros, or a warm start such as the previous
   frame's z*); ``"skip"`` starts from ``predictor()``, an explicit prediction g(x) of z* that the caller
-  passes at call time (Skip DEQ); ``"skip_reg"`` starts from f(z0), one extra f-evaluation and no new
-  parameters (Skip Reg. DEQ). With grad enabled both add ``stats.init_loss`` = ``init_weight`` x the mean
-  squared difference between the initial guess and z* (z* detached unless ``init_detach=False``), which
-  trains the predictor (and, for ``skip_reg``, pulls f(z0) towards z*).
+  passes at call time (Skip DEQ: the predictor is part of the caller's model, not of the settings);
+  ``"skip_reg"`` starts from f(z0), one extra f-evaluation and no new parameters (Skip Reg. DEQ). With grad
+  enabled both add ``stats.init_loss`` = ``init_weight`` x the mean squared difference between the initial
+  guess and z* (z* detached unless ``init_detach=False``), which trains the predictor (and, for ``skip_reg``,
+  pulls f(z0) towards z*).
 * ``record`` (``"all"`` or iterate indices) returns the solver's iterates in ``stats.trajectory``.
 * ``correction_states=n`` (training only): n iterates evenly spaced along the trajectory are recorded and
   each gets a ``correction_steps``-step phantom gradient; the differentiable states are in
   ``stats.corrections`` (earliest first) for the fixed-point correction loss (DEQ-Flow), whose weights
   ``correction_gamma^(n-i)`` the caller applies (``regularizers.fixed_point_correction``).
-* ``final_step=True`` (inference): return f(z*) rather than z*, as training's differentiable output is; the
-  solvers keep f of their best iterate (``return_f``), so this costs no evaluation and a budget of k
-  evaluations ends in f's output.
-* ``solver="consistency"`` (C-DEQ) takes the distilled ``student`` at call time.
+* ``final_step=True`` (inference): return f(z*) rather than z*, as training's differentiable output is; a
+  solver that keeps f of its best iterate (``return_f``) does this at no cost, so a budget of k evaluations
+  ends in f's output.
+* Objects a solver needs at call time (``SolverSpec.needs``, e.g. the C-DEQ ``student``) are passed as keyword
+  arguments of the call.
 
-Every option is validated; an unknown one is an error. ``configure(**changes)`` changes options at run time.
+Settings: ``DEQ_OPTIONS`` declares each one (default, check, doc); the solver settings ``max_iter``, ``tol``,
+``stop_mode``, ``trace`` and ``record`` are the solver's own (``mdeq.core.solvers.COMMON_OPTIONS``), with the
+chosen solver's defaults. Every setting is validated when it is set (an unknown one is an error);
+``configure(**changes)`` changes them at run time through ``merge_deq_options``, the one merge rule.
 """
 from __future__ import annotations
 
 import contextlib
-import numbers
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
 
 from . import backward as _bw
+from .options import (Option, flag, mapping, nonnegative, nonnegative_int, one_of, optional, positive_int,
+                      unit_interval)
 from .regularizers import jacobian_reg
-from .solvers import SolverStats, check_options, get_solver, list_solvers, solver_options
+from .solvers import COMMON_OPTIONS, STOP_MODES, SolverSpec, SolverStats, list_solvers, solver_spec
 from .state import State, StatePacker
 
-__all__ = ["DEQ", "BACKWARDS", "INITS"]
+__all__ = ["DEQ", "DEQ_OPTIONS", "BACKWARDS", "INITS", "merge_deq_options", "check_deq_options", "budget_options"]
 
 BACKWARDS = ("ift", "phantom", "one_step")
-RUNTIME_OPTIONS = {"student"}  # solver arguments passed at call time (modules), never from configs
-CALL_OPTIONS = {"max_iter", "tol", "stop_mode", "trace", "record", "return_f"}  # set by DEQ from its own settings
-UNROLL = "unroll"
-
-_DEFAULTS: Dict[str, Any] = dict(
-    solver="anderson",
-    max_iter=30,
-    tol=1e-4,
-    stop_mode="rel",
-    solver_options=None,
-    backward="ift",
-    b_solver="anderson",
-    b_max_iter=None,
-    b_tol=None,
-    b_stop_mode=None,
-    b_solver_options=None,
-    phantom_steps=5,
-    phantom_damping=0.5,
-    trace=False,
-    record=None,
-    init="zeros",
-    init_weight=1.0,
-    init_detach=True,
-    correction_states=0,
-    correction_gamma=0.8,
-    correction_steps=1,
-    final_step=False,
-)
 INITS = ("zeros", "skip", "skip_reg")
+# set by DEQ itself from its settings (max_iter ... record) or from the call (return_f): not solver_options
+SET_BY_DEQ = ("max_iter", "tol", "stop_mode", "trace", "record", "return_f")
+SOLVER_SETTINGS = ("max_iter", "tol", "stop_mode", "trace", "record")  # DEQ settings that are solver options
 
 
-def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+def _registered_solver(name: str, v: Any) -> None:
+    if v not in list_solvers():
+        raise ValueError(f"unknown {name} {v!r}; choose one of {list_solvers()}")
 
 
-def _check_solver_options(solver: str, options: Optional[dict], which: str) -> dict:
-    options = dict(options or {})
-    if solver == UNROLL:
-        if options:
-            raise ValueError(f"{which}: solver 'unroll' takes no options, got {sorted(options)}")
-        return options
-    allowed = set(solver_options(solver)) - CALL_OPTIONS - RUNTIME_OPTIONS
-    unknown = set(options) - allowed
+def _root_solver(name: str, v: Any) -> None:
+    _registered_solver(name, v)
+    spec = solver_spec(v)
+    if spec.differentiable or spec.needs:
+        roots = [s for s in list_solvers() if not (solver_spec(s).differentiable or solver_spec(s).needs)]
+        raise ValueError(f"{name} {v!r} cannot solve the backward fixed point; choose one of {roots}")
+
+
+DEQ_OPTIONS: Dict[str, Option] = {
+    "solver": Option("anderson", _registered_solver, "forward solver (list_solvers(); 'unroll': pre-training)"),
+    **{k: COMMON_OPTIONS[k] for k in SOLVER_SETTINGS},  # their defaults: the chosen solver's
+    "solver_options": Option(None, mapping, "the forward solver's own options, e.g. {'m': 5} for anderson"),
+    "backward": Option("ift", one_of(*BACKWARDS), "gradient: ift (implicit), phantom or one_step"),
+    "b_solver": Option("anderson", _root_solver, "solver of the implicit backward fixed point"),
+    "b_max_iter": Option(None, optional(positive_int), "backward budget (None: max_iter)"),
+    "b_tol": Option(None, optional(nonnegative), "backward tolerance (None: tol)"),
+    "b_stop_mode": Option(None, optional(one_of(*STOP_MODES)), "backward stop mode (None: stop_mode)"),
+    "b_solver_options": Option(None, mapping, "the backward solver's own options"),
+    "phantom_steps": Option(5, positive_int, "damped unrolled steps of the phantom gradient"),
+    "phantom_damping": Option(0.5, unit_interval, "their damping"),
+    "init": Option("zeros", one_of(*INITS), "initial guess: zeros (the caller's z0), skip (the caller's "
+                                            "predictor), skip_reg (f(z0))"),
+    "init_weight": Option(1.0, nonnegative, "weight of the initial-guess loss mean((z0 - z*)^2)"),
+    "init_detach": Option(True, flag, "z* detached in the initial-guess loss"),
+    "correction_states": Option(0, nonnegative_int, "trajectory states given a fixed-point correction loss"),
+    "correction_gamma": Option(0.8, unit_interval, "their loss weights gamma^(n-i)"),
+    "correction_steps": Option(1, positive_int, "phantom steps attached to each correction state"),
+    "final_step": Option(False, flag, "inference returns f(z*) instead of z*"),
+}
+
+
+def merge_deq_options(current: Mapping[str, Any], changes: Mapping[str, Any]) -> Dict[str, Any]:
+    """``current`` updated by ``changes``: the one merge rule of DEQ settings (a model's preset with the user's
+    settings, ``DEQ.configure``). Switching ``solver`` (``b_solver``) without giving ``solver_options``
+    (``b_solver_options``) drops the previous solver's options: they belong to that solver."""
+    new = {**current, **changes}
+    for key, opts in (("solver", "solver_options"), ("b_solver", "b_solver_options")):
+        if key in changes and opts not in changes and changes[key] != current.get(key, DEQ_OPTIONS[key].default):
+            new.pop(opts, None)
+    return new
+
+
+def check_deq_options(settings: Mapping[str, Any]) -> None:
+    """Validate DEQ settings (any subset): each value by its declared check, then what depends on the solver.
+
+    Unknown names raise ``TypeError``; bad values ``ValueError`` naming the setting and what is expected.
+    """
+    unknown = sorted(set(settings) - set(DEQ_OPTIONS))
     if unknown:
-        raise ValueError(
-            f"{which}: unknown option(s) {sorted(unknown)} for solver {solver!r}; it takes {sorted(allowed)}"
-        )
-    try:
-        check_options(**options)
-    except ValueError as err:
-        raise ValueError(f"{which}: {err}") from None
-    return options
+        raise TypeError(f"unknown DEQ option(s) {unknown}; valid options are {sorted(DEQ_OPTIONS)}")
+    for name, value in settings.items():
+        DEQ_OPTIONS[name].check(name, value)
+    solver = settings.get("solver", DEQ_OPTIONS["solver"].default)
+    spec = solver_spec(solver)
+    b_spec = solver_spec(settings.get("b_solver", DEQ_OPTIONS["b_solver"].default))
+    for key, s in (("solver_options", spec), ("b_solver_options", b_spec)):
+        _check_solver_options(key, s, settings.get(key))
+    for key in ("trace", "record"):
+        if settings.get(key) not in (None, False) and key not in spec.options:
+            what = "record its iterates" if key == "record" else "trace its residuals"
+            raise ValueError(f"solver {solver!r} cannot {what} (it has no {key!r} option)")
+    if settings.get("correction_states") and not spec.can_record:
+        raise ValueError(f"solver {solver!r} cannot record its iterates (it has no 'record' option), which "
+                         f"correction_states needs")
+
+
+def _check_solver_options(key: str, spec: SolverSpec, options: Optional[Mapping[str, Any]]) -> None:
+    allowed = set(spec.options) - set(SET_BY_DEQ)
+    unknown = sorted(set(options or {}) - allowed)
+    if unknown:
+        raise ValueError(f"{key}: unknown option(s) {unknown} for solver {spec.name!r}; it takes {sorted(allowed)}")
+    for name, value in (options or {}).items():
+        try:
+            spec.options[name].check(name, value)
+        except ValueError as err:
+            raise ValueError(f"{key}: {err}") from None
+
+
+def budget_options(options: Mapping[str, Any], evals: int) -> Dict[str, Any]:
+    """``configure`` changes under which an inference forward makes exactly ``evals`` f-evaluations and the
+    head sees the last one's output (the comparison axis of the accuracy-vs-compute benchmark).
+
+    Built from what the solver declares: its ``fixed_budget`` options (tolerance 0, or no extra evaluation to
+    measure the residual) make every one of ``max_iter`` evaluations run, and a solver that keeps f of its best
+    iterate (``return_f``) ends in f's output at no cost (``final_step``). Skip Reg. DEQ spends one evaluation
+    on z0 = f(z0); with a budget of one, that start is the answer. A solver that takes whole steps of several
+    evaluations (``exact_budget`` false) may use fewer than ``evals``.
+    """
+    if evals < 1:
+        raise ValueError(f"the budget must be at least one f-evaluation, got {evals}")
+    spec = solver_spec(options["solver"])
+    left = evals - (1 if options.get("init", "zeros") == "skip_reg" else 0)  # what the solve may use
+    if left == 0:  # Skip Reg. DEQ with one evaluation: its start f(z0) is the answer
+        return dict(solver="unroll", max_iter=1, init="zeros", final_step=False)
+    out: Dict[str, Any] = dict(solver=spec.name, max_iter=left, final_step=spec.can_return_f)
+    budget = dict(spec.fixed_budget)
+    for key in SET_BY_DEQ:
+        if key in budget:
+            out[key] = budget.pop(key)
+    if budget or spec.options.keys() - set(SET_BY_DEQ):
+        out["solver_options"] = {**dict(options.get("solver_options") or {}), **budget}
+    return out
 
 
 class DEQ(nn.Module):
-    """Deep-equilibrium layer: forward solve + chosen backward (see module docstring). Holds no parameters."""
+    """Deep-equilibrium layer: forward solve + chosen backward (see module docstring). Holds no parameters.
 
-    def __init__(self, **options: Any):
+    ``provides`` (optional) names the call-time objects its caller passes (``"predictor"``, ``"student"``, ...):
+    then a setting that needs another one (``init='skip'`` without a predictor, a solver needing a student) is
+    refused when it is set, with ``missing_hint`` saying how to get it, rather than at the next call.
+    """
+
+    def __init__(self, *, provides: Optional[Iterable[str]] = None, missing_hint: str = "", **options: Any):
         super().__init__()
-        self._options: Dict[str, Any] = {}
-        self.configure(**{**_DEFAULTS, **options})
+        self._settings: Dict[str, Any] = {}
+        self.provides = None if provides is None else frozenset(provides)
+        self.missing_hint = missing_hint
+        self.configure(**options)
 
     # ------------------------------------------------------------------ options
     def configure(self, **changes: Any) -> "DEQ":
-        """Change solver settings (validated as a whole; nothing changes if any value is invalid).
+        """Change settings (validated as a whole; nothing changes if any value is invalid).
 
         Switching ``solver`` (``b_solver``) without giving ``solver_options`` (``b_solver_options``) resets them.
         """
-        unknown = set(changes) - set(_DEFAULTS)
-        if unknown:
-            raise TypeError(f"unknown DEQ option(s) {sorted(unknown)}; valid options are {sorted(_DEFAULTS)}")
-        new = {**self._options, **changes}
-        for key, opts in (("solver", "solver_options"), ("b_solver", "b_solver_options")):
-            if key in changes and opts not in changes and changes[key] != self._options.get(key):
-                new[opts] = None  # options of the previous solver do not carry over to another one
-        solvers = list_solvers()
-        if new["solver"] not in solvers + [UNROLL]:
-            raise ValueError(f"unknown solver {new['solver']!r}; choose one of {solvers + [UNROLL]}")
-        if new["b_solver"] not in solvers:
-            raise ValueError(f"unknown b_solver {new['b_solver']!r}; choose one of {solvers}")
-        check_options(max_iter=new["max_iter"], tol=new["tol"], stop_mode=new["stop_mode"], trace=new["trace"],
-                      record=new["record"])
-        if new["init"] not in INITS:
-            raise ValueError(f"unknown init {new['init']!r}; choose one of {INITS}")
-        for key in ("init_weight",):
-            if isinstance(new[key], bool) or not isinstance(new[key], numbers.Real) or new[key] < 0:
-                raise ValueError(f"{key} must be a number >= 0, got {new[key]!r}")
-        for key in ("init_detach", "final_step"):
-            if not isinstance(new[key], bool):
-                raise ValueError(f"{key} must be true or false, got {new[key]!r}")
-        if isinstance(new["correction_states"], bool) or not isinstance(new["correction_states"], numbers.Integral) \
-                or new["correction_states"] < 0:
-            raise ValueError(f"correction_states must be an integer >= 0, got {new['correction_states']!r}")
-        _check_positive_int("correction_steps", new["correction_steps"])
-        if isinstance(new["correction_gamma"], bool) or not (
-                isinstance(new["correction_gamma"], numbers.Real) and 0 < new["correction_gamma"] <= 1):
-            raise ValueError(f"correction_gamma must be in (0, 1], got {new['correction_gamma']!r}")
-        for key, check_as in (("b_max_iter", "max_iter"), ("b_tol", "tol"), ("b_stop_mode", "stop_mode")):
-            if new[key] is not None:
-                try:
-                    check_options(**{check_as: new[key]})
-                except ValueError as err:
-                    raise ValueError(str(err).replace(check_as, key, 1)) from None
-        if new["backward"] not in BACKWARDS:
-            raise ValueError(f"unknown backward {new['backward']!r}; choose one of {BACKWARDS}")
-        _check_positive_int("phantom_steps", new["phantom_steps"])
-        if isinstance(new["phantom_damping"], bool) or not (
-            isinstance(new["phantom_damping"], numbers.Real) and 0 < new["phantom_damping"] <= 1
-        ):
-            raise ValueError(f"phantom_damping must be in (0, 1], got {new['phantom_damping']!r}")
-        new["solver_options"] = _check_solver_options(new["solver"], new["solver_options"], "solver_options")
-        new["b_solver_options"] = _check_solver_options(new["b_solver"], new["b_solver_options"], "b_solver_options")
-        self._options = new
+        new = merge_deq_options(self._settings, changes)
+        check_deq_options(new)
+        if self.provides is not None:
+            solver = new.get("solver", DEQ_OPTIONS["solver"].default)
+            wanted = set(solver_spec(solver).needs) | ({"predictor"} if new.get("init") == "skip" else set())
+            missing = sorted(wanted - self.provides)
+            if missing:
+                why = "init='skip'" if missing == ["predictor"] else f"solver {solver!r}"
+                raise ValueError(f"{why} needs {' and '.join(missing)} at call time, which this model does not have"
+                                 + (f"; {self.missing_hint}" if self.missing_hint else ""))
+        self._settings = new
         return self
 
     @property
+    def settings(self) -> Dict[str, Any]:
+        """The settings given so far (a copy); ``configure(**settings)`` on another DEQ reproduces this one's."""
+        return dict(self._settings)
+
+    @property
     def options(self) -> Dict[str, Any]:
-        """The current settings, with the backward defaults resolved."""
-        o = dict(self._options)
+        """Every setting, with the defaults resolved (the solver's own for ``max_iter``, ``tol``, ...; the backward
+        ones from the forward's when None)."""
+        spec = solver_spec(self._settings.get("solver", DEQ_OPTIONS["solver"].default))
+        o = {k: (spec.options[k].default if k in spec.options else opt.default) if k in SOLVER_SETTINGS
+             else opt.default for k, opt in DEQ_OPTIONS.items()}
+        o.update(self._settings)
+        o["solver_options"] = dict(o["solver_options"] or {})
+        o["b_solver_options"] = dict(o["b_solver_options"] or {})
         o["b_max_iter"] = o["b_max_iter"] or o["max_iter"]
         o["b_tol"] = o["tol"] if o["b_tol"] is None else o["b_tol"]
         o["b_stop_mode"] = o["b_stop_mode"] or o["stop_mode"]
         return o
 
     def __getattr__(self, name: str):
-        options = self.__dict__.get("_options")
-        if options is not None and name in options:
+        settings = self.__dict__.get("_settings")
+        if settings is not None and name in DEQ_OPTIONS:
             return self.options[name]
         return super().__getattr__(name)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in _DEFAULTS and "_options" in self.__dict__:
+        if name in DEQ_OPTIONS and "_settings" in self.__dict__:
             self.configure(**{name: value})  # validated, and seen by forward
         else:
             super().__setattr__(name, value)
@@ -194,7 +244,7 @@ class DEQ(nn.Module):
     def extra_repr(self) -> str:
         o = self.options
         s = f"solver={o['solver']}, max_iter={o['max_iter']}, tol={o['tol']}, stop_mode={o['stop_mode']}"
-        if o["solver"] != UNROLL:
+        if not solver_spec(o["solver"]).differentiable:
             s += f", backward={o['backward']}"
             if o["backward"] == "ift":
                 s += f", b_solver={o['b_solver']}, b_max_iter={o['b_max_iter']}, b_tol={o['b_tol']}"
@@ -211,22 +261,31 @@ class DEQ(nn.Module):
         jac_probes: int = 0,
         max_iter: Optional[int] = None,
         predictor: Optional[Callable[[], State]] = None,
-        student: Optional[nn.Module] = None,
+        **inputs: Any,
     ) -> Tuple[State, SolverStats]:
-        """Solve z = f(z) from ``z0`` (see the module docstring for the options).
+        """Solve z = f(z) from ``z0`` (see the module docstring for the settings).
 
         ``max_iter`` overrides the setting for this call only; ``predictor`` (init ``"skip"``) returns the
-        initial guess; ``student`` is the distilled consistency function of ``solver="consistency"``.
+        initial guess; ``inputs`` are objects the solver needs (``SolverSpec.needs``, e.g. ``student``); those
+        it does not need are ignored.
         """
         o = self.options
         if max_iter is not None:
-            _check_positive_int("max_iter", max_iter)
+            positive_int("max_iter", max_iter)
             o["max_iter"] = max_iter
-        if isinstance(jac_probes, bool) or not isinstance(jac_probes, int) or jac_probes < 0:
-            raise ValueError(f"jac_probes must be an integer >= 0, got {jac_probes!r}")
+        nonnegative_int("jac_probes", jac_probes)
         grad = torch.is_grad_enabled()
         if jac_probes and not grad:
             raise ValueError("jac_probes > 0 needs gradients enabled: the Jacobian penalty is a training loss")
+        spec = solver_spec(o["solver"])
+        known = {k for name in list_solvers() for k in solver_spec(name).needs}
+        if set(inputs) - known:
+            raise TypeError(f"DEQ got unexpected keyword(s) {sorted(set(inputs) - known)}; objects that solvers "
+                            f"need at call time: {sorted(known)}")
+        missing = [k for k in spec.needs if inputs.get(k) is None]
+        if missing:
+            raise ValueError(f"solver {spec.name!r} needs {missing} at call time (e.g. deq(f, z0, "
+                             f"{missing[0]}=...)); a model passes what it holds")
 
         packer = StatePacker(z0)
         x0 = packer.pack(z0)
@@ -249,66 +308,58 @@ class DEQ(nn.Module):
         guess, extra_nfe = None, 0  # the differentiable initial guess (Skip / Skip Reg. DEQ)
         if o["init"] == "skip":
             if predictor is None:
-                raise ValueError("init='skip' needs a predictor of the initial state (the model's skip initializer); "
-                                 "build the model with deq=dict(init='skip')")
+                raise ValueError("init='skip' needs a predictor of the initial state (a model's Skip DEQ "
+                                 "initializer: build it with skip_init=True)")
             guess = packer.pack(predictor()).to(work)
         elif o["init"] == "skip_reg":
             guess, extra_nfe = f_flat(x0), 1
         if guess is not None:
-            x0 = guess if o["solver"] == UNROLL else guess.detach()
-
-        if o["solver"] == UNROLL:
-            record = o["record"]
-            z, prev, states = _bw.unroll(f_flat, x0, o["max_iter"], keep=record is not None)
-            stats = _unroll_stats(z.detach(), prev.detach(), o["max_iter"], o["tol"], o["stop_mode"])
-            stats.nfe += extra_nfe
-            if record is not None:
-                steps = range(len(states)) if record == "all" else [i for i in record if i < len(states)]
-                stats.trajectory = [result(states[i].detach()) for i in steps]
-                stats.trajectory_steps = list(steps)
-            if jac_probes:
-                zj = z if z.requires_grad else z.detach().requires_grad_()
-                stats.jac_loss = jacobian_reg(f_flat(zj), zj, jac_probes)
-            self._init_loss(stats, guess, z, grad, o)
-            return result(z), stats
+            x0 = guess if spec.differentiable else guess.detach()
 
         record = o["record"]
-        n_corr = o["correction_states"] if grad else 0
+        n_corr = o["correction_states"] if grad and not spec.differentiable else 0
         if n_corr:
             spots = sorted({max(1, round((i + 1) * o["max_iter"] / (n_corr + 1))) for i in range(n_corr)})
             record = "all" if record == "all" else sorted(set(record or []) | set(spots))
-        solver = get_solver(o["solver"])
-        runtime = {"student": student} if o["solver"] == "consistency" else {}
-        if o["final_step"] and not grad and "return_f" in solver_options(o["solver"]):
-            runtime["return_f"] = True  # f(z*) was computed for its residual: no extra evaluation
+        call = {k: o[k] for k in ("max_iter", "tol", "stop_mode", "trace") if k in spec.options}
+        call.update(o["solver_options"])
+        call.update({k: inputs[k] for k in spec.needs})
         if record is not None:
-            if "record" not in solver_options(o["solver"]):
-                raise ValueError(f"solver {o['solver']!r} cannot record its iterates (it has no 'record' option), "
-                                 f"which record= and correction_states need")
-            runtime["record"] = record
-        with torch.no_grad(), _autocast_off(x0.device.type):
-            z_star, stats = solver(
-                f_flat, x0.detach(), max_iter=o["max_iter"], tol=o["tol"], stop_mode=o["stop_mode"],
-                trace=o["trace"], **o["solver_options"], **runtime,
-            )
+            call["record"] = record
+        if o["final_step"] and not grad and spec.can_return_f:
+            call["return_f"] = True  # f(z*) was computed for its residual: no extra evaluation
+        call = {**spec.defaults(), **call}
+        if spec.differentiable:
+            z_star, stats = spec.run(f_flat, x0, **call)
+        else:
+            with torch.no_grad(), _autocast_off(x0.device.type):
+                z_star, stats = spec.run(f_flat, x0.detach(), **call)
         stats.nfe += extra_nfe
         recorded = dict(zip(stats.trajectory_steps or [], stats.trajectory or []))  # flat (B, D) iterates
         stats.trajectory = stats.trajectory_steps = None
         if o["record"] is not None:  # what the caller asked for (the corrections may have recorded more)
             steps = [i for i in recorded if o["record"] == "all" or i in set(o["record"])]
             stats.trajectory, stats.trajectory_steps = [result(recorded[i]) for i in steps], steps
+
+        if spec.differentiable:  # the result carries its own gradient
+            if jac_probes:
+                zj = z_star if z_star.requires_grad else z_star.detach().requires_grad_()
+                stats.jac_loss = jacobian_reg(f_flat(zj), zj, jac_probes)
+            self._init_loss(stats, guess, z_star, grad, o)
+            return result(z_star), stats
         if not grad:
-            if o["final_step"] and "return_f" not in runtime:
+            if o["final_step"] and "return_f" not in call:
                 stats.nfe += 1
                 return result(f_flat(z_star)), stats
             return result(z_star), stats
 
         if o["backward"] == "ift":
-            b_solver = get_solver(o["b_solver"])
+            b_spec = solver_spec(o["b_solver"])
+            b_call = {**b_spec.defaults(), **o["b_solver_options"], "max_iter": o["b_max_iter"], "tol": o["b_tol"],
+                      "stop_mode": o["b_stop_mode"]}
 
             def solve_backward(vjp, v):
-                return b_solver(vjp, v, max_iter=o["b_max_iter"], tol=o["b_tol"], stop_mode=o["b_stop_mode"],
-                                **o["b_solver_options"])
+                return b_spec.run(vjp, v, **b_call)
 
             out, fz, z = _bw.implicit(f_flat, z_star, solve_backward, stats)
         elif o["backward"] == "phantom":
@@ -344,21 +395,6 @@ def _autocast_off(device_type: str):
     if torch.amp.is_autocast_available(device_type):
         return torch.autocast(device_type=device_type, enabled=False)
     return contextlib.nullcontext()
-
-
-def _unroll_stats(z: torch.Tensor, prev: torch.Tensor, steps: int, tol: float, stop_mode: str) -> SolverStats:
-    abs_res = torch.linalg.vector_norm(z - prev, dim=1)
-    rel_res = abs_res / (torch.linalg.vector_norm(z, dim=1) + 1e-8)
-    res = rel_res if stop_mode == "rel" else abs_res
-    return SolverStats(
-        solver=UNROLL,
-        nstep=torch.full_like(abs_res, steps, dtype=torch.long),
-        abs_residual=abs_res,
-        rel_residual=rel_res,
-        converged=res <= tol,
-        diverged=~torch.isfinite(res),
-        nfe=steps,
-    )
 
 
 def _meta_stats(solver: str, x0: torch.Tensor) -> SolverStats:

@@ -12,7 +12,7 @@ import torch
 
 State = Union[torch.Tensor, List[torch.Tensor]]
 
-__all__ = ["State", "StatePacker"]
+__all__ = ["State", "StatePacker", "state_tensors", "state_like"]
 
 
 class StatePacker:
@@ -83,3 +83,13 @@ class StatePacker:
                 f"f returned a state tensor {i} of shape {tuple(t.shape)}; expected "
                 f"{(self.batch_size, *self.shapes[i])}, the shape of the initial state"
             )
+
+
+def state_tensors(state: State) -> List[torch.Tensor]:
+    """The tensors of a state: [state] for a single tensor, the list itself otherwise."""
+    return [state] if isinstance(state, torch.Tensor) else list(state)
+
+
+def state_like(state: State, tensors: List[torch.Tensor]) -> State:
+    """``tensors`` in the structure of ``state`` (the inverse of ``state_tensors``)."""
+    return tensors[0] if isinstance(state, torch.Tensor) else tensors

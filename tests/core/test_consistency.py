@@ -7,11 +7,9 @@ import torch
 from torch import nn
 
 from mdeq.core import anderson, fixed_point, get_solver, list_solvers
-from mdeq.core.consistency import (
-    ConsistencyFunction, MLPGenerator, collect_trajectory, consistency, consistency_losses, consistency_schedule,
-    distillation_loss, karras_times, make_ema,
-)
-from mdeq.core.solvers import solver_options
+from mdeq.core.consistency import ConsistencyFunction, MLPGenerator, consistency_schedule, karras_times
+from mdeq.core.distillation import collect_trajectory, consistency_losses, distillation_loss, make_ema
+from mdeq.core.solvers import consistency, solver_options
 from tests.core.problems import tanh_problem
 
 

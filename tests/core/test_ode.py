@@ -6,8 +6,7 @@ import torch
 from torch import nn
 
 from mdeq.core import DEQ, anderson, get_solver, list_solvers
-from mdeq.core.ode import ode
-from mdeq.core.ode import TABLEAUS
+from mdeq.core.solvers.ode import TABLEAUS, ode
 from tests.core.problems import linear_problem, real_spectrum_matrix, tanh_problem
 
 METHODS = ["bosh3", "dopri5"]

@@ -33,7 +33,7 @@ The first h is ``h0``; h = 1 is the Picard step size: explicit Euler with h = 1 
 z + F(z) = f(z). With ``bosh3`` and h = 1 the first stage k1 = F(z) is exactly that Picard step (f(z) - z); the
 later stages evaluate f at z + k1 / 2 (a half-damped Picard step) and beyond, and correct it.
 
-Stopping and bookkeeping are those of the other solvers (``solvers._Progress``, see ``mdeq.core.solvers``):
+Stopping and bookkeeping are those of the other solvers (``bookkeeping.Progress``, see ``mdeq.core.solvers``):
 after every step each sample's *current* state (the new state if accepted, the old one if rejected) is
 observed with its f-value, which FSAL makes free, so residuals, per-sample stopping, divergence, the returned
 best iterate and ``SolverStats`` mean the same thing. A sample whose step produced a non-finite value (f
@@ -48,16 +48,17 @@ per evaluation; the columns of intermediate stages hold the residual f(y) - y at
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
-from .solvers import _NORM_EPS, Record, _flat, _Progress, check_options, register_solver
-from .state import State
+from ..options import Option, one_of, positive
+from ..state import State
+from .bookkeeping import Progress, Record, flatten
+from .registry import register_solver
 
-__all__ = ["ode", "TABLEAUS", "OPTION_CHECKS"]
+__all__ = ["ode", "TABLEAUS", "OPTIONS"]
 
 
 @dataclass(frozen=True)
@@ -112,24 +113,18 @@ _SAFETY, _MIN_FACTOR, _MAX_FACTOR = 0.9, 0.2, 5.0
 _STEP_RTOL = 0.1
 
 
-def _positive(name: str, v) -> None:
-    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 < v < math.inf:
-        raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
-
-
-def _method(name: str, v) -> None:
-    if not isinstance(v, str) or v not in TABLEAUS:
-        raise ValueError(f"{name} must be one of {sorted(TABLEAUS)}, got {v!r}")
-
-
 def _max_step(name: str, v) -> None:
-    if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real) or not v > 0):
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
         raise ValueError(f"{name} must be a number > 0 or None, got {v!r}")
 
 
-# Validation of the options only this solver has (``check_options`` rejects names it has no rule for), in the
-# ``_OPTION_CHECKS`` style of ``solvers``: name -> check(name, value) raising ValueError.
-OPTION_CHECKS = {"method": _method, "rtol": _positive, "atol": _positive, "h0": _positive, "max_step": _max_step}
+OPTIONS = {
+    "method": Option("bosh3", one_of(*TABLEAUS), "the Runge-Kutta pair: bosh3 (3 evaluations per step) or dopri5 (6)"),
+    "rtol": Option(1e-2, positive, "relative tolerance of the local error"),
+    "atol": Option(1e-3, positive, "absolute tolerance of the local error"),
+    "h0": Option(1.0, positive, "first step size (1 = the Picard step)"),
+    "max_step": Option(None, _max_step, "largest step size (None: no limit)"),
+}
 
 
 def _combo(weights: Sequence[float], ks: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -142,42 +137,25 @@ def _combo(weights: Sequence[float], ks: Sequence[torch.Tensor]) -> torch.Tensor
     return out if out is not None else torch.zeros_like(ks[0])
 
 
-@register_solver("ode", option_checks=OPTION_CHECKS)
+@register_solver("ode", options=OPTIONS, evals_per_step=lambda options: TABLEAUS[options["method"]].stages - 1,
+                 exact_budget=False)
 @torch.no_grad()
-def ode(
-    f: Callable[[State], State],
-    z0: State,
-    *,
-    max_iter: int = 50,
-    tol: float = 1e-4,
-    stop_mode: str = "rel",
-    method: str = "bosh3",
-    rtol: float = 1e-2,
-    atol: float = 1e-3,
-    h0: float = 1.0,
-    max_step: Optional[float] = None,
-    trace: bool = False,
-    divergence_factor: float = 1e6,
-    record: Record = None,
-    return_f: bool = False,
-):
+def ode(f: Callable[[State], State], z0: State, *, max_iter: int, tol: float, stop_mode: str, method: str,
+        rtol: float, atol: float, h0: float, max_step: Optional[float], trace: bool, divergence_factor: float,
+        record: Record, return_f: bool):
     """Integrate dz/dt = f(z) - z from z0 with an adaptive embedded RK pair until the fixed-point residual
     meets ``tol`` (see the module docstring). ``max_iter`` is a budget of f-evaluations.
 
     Returns (z, SolverStats) like the other solvers: z is the per-sample lowest-residual state, in the
     structure of ``z0``.
     """
-    check_options(max_iter=max_iter, tol=tol, stop_mode=stop_mode, trace=trace,
-                  divergence_factor=divergence_factor, record=record, return_f=return_f)
-    for name, value in dict(method=method, rtol=rtol, atol=atol, h0=h0, max_step=max_step).items():
-        OPTION_CHECKS[name](name, value)
     tab = TABLEAUS[method]
     cost = tab.stages - 1  # f-evaluations per step (FSAL)
     exponent = -1.0 / (tab.q + 1)
     h_max = math.inf if max_step is None else float(max_step)
 
-    f_flat, x, packer, dtype = _flat(f, z0)
-    progress = _Progress(x, tol, stop_mode, trace, divergence_factor, record, return_f)
+    f_flat, x, packer, dtype = flatten(f, z0)
+    progress = Progress(x, tol, stop_mode, trace, divergence_factor, record, return_f)
     fx = f_flat(x)
     g = fx - x  # F(x): the first stage of the next step
     res = torch.linalg.vector_norm(g, dim=1)  # ||F(x)|| per sample
@@ -186,7 +164,7 @@ def ode(
     tiny = torch.finfo(x.dtype).tiny
 
     while not done and progress.nfe + cost <= max_iter:
-        stopped = [c or d for c, d in zip(progress.converged, progress.diverged)]
+        stopped = progress.stopped()
         active = ~torch.tensor(stopped, device=x.device)
         h_step = torch.where(active, h, torch.zeros_like(h))[:, None]  # stopped samples stand still...
         k1 = g if not any(stopped) else torch.where(active[:, None], g, torch.zeros_like(g))  # ...even at NaN
@@ -196,8 +174,8 @@ def ode(
             fy = f_flat(y)
             k = fy - y
             ks.append(k)
-            if progress.trace is not None and i < len(tab.a) - 1:
-                _trace_stage(progress, fy, k)
+            if i < len(tab.a) - 1:
+                progress.trace_evaluation(y, fy)
         x_new, fx_new, g_new = y, fy, k  # FSAL: the last stage point is the new state, k = F(x_new)
 
         err = _combo(tab.err, ks).mul_(h_step)
@@ -219,14 +197,7 @@ def ode(
         res = torch.linalg.vector_norm(g, dim=1)
         # f gave inf/NaN at a stage point: report a non-finite residual, so _Progress stops it as diverged
         observed = torch.where(active & ~finite, torch.full_like(res, math.nan), res)
-        progress.nfe += cost - 1  # observe() counts the step's last evaluation
+        progress.count_evaluations(cost - 1)  # observe() counts the step's last evaluation
         done = progress.observe(x, fx, g, abs_res=observed)
     return progress.finish("ode", packer, dtype)
 
-
-def _trace_stage(progress: _Progress, fy: torch.Tensor, k: torch.Tensor) -> None:
-    """One trace column for an intermediate stage evaluation: the residual f(y) - y at its stage point."""
-    a = torch.linalg.vector_norm(k, dim=1)
-    if progress.use_rel:
-        a = a / (torch.linalg.vector_norm(fy, dim=1) + _NORM_EPS)
-    progress.trace.append(a.tolist())
