@@ -14,8 +14,13 @@ An entry (``zoo/catalog.json``)::
       "license": "mit", "dataset": "...", "recipe": "experiment=digits_tiny",
       "metrics": {...}, "metrics_source": "measured" | "reported",   "solver": {...},
       "pretrained_cfg": {...timm data config: input_size, mean, std, crop_pct, interpolation, num_classes},
+      "model_args": {"skip_init": true},                # optional: architecture fields beyond the preset's
       "citation": "..."
     }
+
+``solver`` holds the DEQ settings the metrics were measured with (``mdeq.core.DEQ`` option names); a model built
+from the entry starts with them. ``model_args`` holds architecture fields (``MDEQConfig``) the weights need
+beyond the preset, such as the Skip DEQ predictor or the C-DEQ student.
 
 Released upstream checkpoints have ``"format": "official"``: their source is the original ``.pkl``, converted
 on first use (by the caller's converter, see ``zoo.download.fetch``) and cached as safetensors. Their
@@ -92,6 +97,10 @@ def validate_entry(name: str, entry: Any) -> None:
     cfg = entry["pretrained_cfg"]
     if not isinstance(cfg, Mapping) or not {"input_size", "num_classes"} <= set(cfg):
         raise bad("pretrained_cfg must hold at least input_size and num_classes")
+    args = entry.get("model_args", {})
+    if not isinstance(args, Mapping) or "deq" in args or "num_classes" in args:
+        raise bad("model_args must be an object of architecture fields (the DEQ settings go in 'solver', the "
+                  "classes in pretrained_cfg)")
 
 
 def load_catalog(path: Optional[os.PathLike] = None, overlay: Optional[os.PathLike] = None) -> Dict[str, Dict]:

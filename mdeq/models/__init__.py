@@ -1,7 +1,15 @@
-"""MDEQ architectures: config presets, the cell, the timm-registered classifiers, segmentation, conversion."""
+"""MDEQ architectures: config presets, the cell, the timm-registered classifiers, segmentation, conversion.
+
+Rooms: ``config`` (``MDEQConfig``, the presets), ``layers`` (the cell f), ``cheap_inference`` (the Skip DEQ
+predictor and the C-DEQ student generator), ``mdeq`` (the timm classifiers, ``default_cfgs``,
+``@register_model``), ``segmentation`` (the segmentation model), ``convert`` (official checkpoint keys ->
+this package's), ``identify`` (which preset a state dict is), ``pretrained`` (catalog weights as timm
+pretrained cfgs). A new preset is an entry in ``config`` plus its ``@register_model`` function in ``mdeq``.
+"""
 from .config import CLS_PRESETS, SEG_PRESETS, MDEQConfig
-from .convert import (StateDictMismatch, convert_official_state_dict, infer_preset, is_official_state_dict,
-                      load_converted, to_official_state_dict)
+from .convert import (StateDictMismatch, convert_official_state_dict, describe_mismatch, is_official_state_dict,
+                      load_converted, state_shapes, to_official_state_dict)
+from .identify import build_preset, infer_preset
 from .layers import MDEQCell
 from .mdeq import MDEQBackbone, MDEQNet, MDEQStage
 from .segmentation import MDEQSegNet, create_segmentation_model, list_segmentation_models
@@ -9,5 +17,6 @@ from .segmentation import MDEQSegNet, create_segmentation_model, list_segmentati
 __all__ = [
     "MDEQConfig", "CLS_PRESETS", "SEG_PRESETS", "MDEQCell", "MDEQStage", "MDEQBackbone", "MDEQNet", "MDEQSegNet",
     "create_segmentation_model", "list_segmentation_models", "convert_official_state_dict",
-    "to_official_state_dict", "is_official_state_dict", "infer_preset", "load_converted", "StateDictMismatch",
+    "to_official_state_dict", "is_official_state_dict", "infer_preset", "build_preset", "load_converted",
+    "StateDictMismatch", "state_shapes", "describe_mismatch",
 ]

@@ -21,8 +21,9 @@ __all__ = [
     "convert_official_state_dict",
     "to_official_state_dict",
     "is_official_state_dict",
-    "infer_preset",
     "load_converted",
+    "state_shapes",
+    "describe_mismatch",
     "StateDictMismatch",
 ]
 
@@ -85,45 +86,13 @@ def to_official_state_dict(sd: Mapping[str, torch.Tensor]) -> Dict[str, torch.Te
     return out
 
 
-def _shapes(sd: Mapping[str, torch.Tensor]) -> Dict[str, Tuple[int, ...]]:
+def state_shapes(sd: Mapping[str, torch.Tensor]) -> Dict[str, Tuple[int, ...]]:
     """Names and shapes, without BatchNorm's step counters: frozen BatchNorm (timm's FrozenBatchNorm2d,
     after fine-tuning with frozen layers) has none, and they carry no weights."""
     return {k: tuple(v.shape) for k, v in sd.items() if not k.endswith("num_batches_tracked")}
 
 
-def _build(name: str, task: str, num_classes: int) -> nn.Module:
-    if task == "seg":
-        from .segmentation import create_segmentation_model
-
-        return create_segmentation_model(name, num_classes=num_classes, device="meta")
-    import timm
-
-    return timm.create_model(name, num_classes=num_classes, device="meta")
-
-
-def infer_preset(sd: Mapping[str, torch.Tensor]) -> Tuple[str, str, int]:
-    """(preset name, task 'cls' | 'seg', num_classes) whose state dict has exactly these names and shapes."""
-    from .config import CLS_PRESETS, SEG_PRESETS
-
-    sd = convert_official_state_dict(sd) if is_official_state_dict(sd) else dict(sd)
-    shapes = _shapes(sd)
-    if "classifier.weight" in shapes:
-        task, presets, num_classes = "cls", CLS_PRESETS, shapes["classifier.weight"][0]
-    elif "last_layer.3.weight" in shapes:
-        task, presets, num_classes = "seg", SEG_PRESETS, shapes["last_layer.3.weight"][0]
-    else:
-        raise StateDictMismatch("cannot tell the task: the checkpoint has neither 'classifier.weight' "
-                                "(classification) nor 'last_layer.3.weight' (segmentation)")
-    tried = []
-    for name in presets:
-        model_shapes = _shapes(_build(name, task, num_classes).state_dict())
-        if model_shapes == shapes:
-            return name, task, num_classes
-        tried.append(f"{name}: {_describe_mismatch(model_shapes, shapes, limit=3)}")
-    raise StateDictMismatch("no preset matches the checkpoint's names and shapes:\n  " + "\n  ".join(tried))
-
-
-def _describe_mismatch(expected: Dict[str, Tuple[int, ...]], got: Dict[str, Tuple[int, ...]],
+def describe_mismatch(expected: Dict[str, Tuple[int, ...]], got: Dict[str, Tuple[int, ...]],
                        limit: Optional[int] = None) -> str:
     missing = sorted(set(expected) - set(got))
     unexpected = sorted(set(got) - set(expected))
@@ -147,11 +116,11 @@ def _describe_mismatch(expected: Dict[str, Tuple[int, ...]], got: Dict[str, Tupl
 def load_converted(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> None:
     """Convert if needed and load strictly; a mismatch raises ``StateDictMismatch`` naming every key."""
     sd = convert_official_state_dict(sd) if is_official_state_dict(sd) else dict(sd)
-    expected = _shapes(model.state_dict())
-    got = _shapes(sd)
+    expected = state_shapes(model.state_dict())
+    got = state_shapes(sd)
     if expected != got:
         raise StateDictMismatch(
-            f"the checkpoint does not fit {type(model).__name__}: {_describe_mismatch(expected, got, limit=20)}")
+            f"the checkpoint does not fit {type(model).__name__}: {describe_mismatch(expected, got, limit=20)}")
     missing, unexpected = model.load_state_dict(sd, strict=False)
     left = [k for k in missing + unexpected if not k.endswith("num_batches_tracked")]
     if left:  # cannot happen after the shape check; a guard against a silent partial load

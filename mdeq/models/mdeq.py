@@ -20,22 +20,22 @@ from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+import timm
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import create_classifier, get_device_dtype
 from timm.models import (build_model_with_cfg, generate_default_cfgs, register_model, register_notrace_function,
                          register_notrace_module)
 from timm.models._features import feature_take_indices
 
-from mdeq.core import DEQ, SolverStats, forward_scope
+from mdeq.core import DEQ, ConsistencyFunction, SolverStats, StatePacker, forward_scope
 from mdeq.core.norm import has_weight_norm
 
-from .config import CLS_PRESETS, MDEQConfig, config_field_names, resolve_config
-from ..core.consistency import ConsistencyFunction
-from ..core.state import StatePacker
 from .cheap_inference import MultiscaleGenerator, MultiscaleInitializer
+from .config import CLS_PRESETS, MDEQConfig, config_field_names, resolve_config
+from .convert import convert_official_state_dict, is_official_state_dict
+from .identify import register_preset_builder
 from .layers import MDEQCell
 from .pretrained import catalog_cfgs, resolve_catalog_weights
 
@@ -50,21 +50,29 @@ class MDEQStage(MDEQCell):
     """The cell ``f`` (inherited, as ``cell``) plus its equilibrium solve; a leaf for FX tracing.
 
     ``forward(injection)`` returns the list of branch equilibria; ``stats`` holds the last ``SolverStats``.
+    The architecture's add-ons live here too: ``initializer`` (Skip DEQ's predictor of z*, ``cfg.skip_init``)
+    and ``student`` (C-DEQ's student, ``cfg.student``); the DEQ settings may use them but never create them.
     """
 
-    def __init__(self, cfg: MDEQConfig, deq_options: Dict[str, Any], device=None, dtype=None):
+    def __init__(self, cfg: MDEQConfig, device=None, dtype=None):
         super().__init__(cfg, device=device, dtype=dtype)
-        self.deq = DEQ(**deq_options)
+        dd = dict(device=device, dtype=dtype)
+        self.initializer = MultiscaleInitializer(cfg.num_channels[0], cfg.num_channels, cfg.num_groups, **dd) \
+            if cfg.skip_init else None
+        self.student = ConsistencyFunction(MultiscaleGenerator(cfg.num_channels, kernel_size=cfg.student_kernel_size,
+                                                               **dd)) if cfg.student else None
+        provides = [name for name, part in (("predictor", self.initializer), ("student", self.student)) if part]
+        self.deq = DEQ(provides=provides, missing_hint="build the model with skip_init=True for the Skip DEQ "
+                       "predictor, student=True for the C-DEQ student (tools/distill.py trains it)",
+                       **cfg.deq_settings())
         self.jac_probes = 0
         self.stats: Optional[SolverStats] = None
-        dd = dict(device=device, dtype=dtype)
-        # Skip DEQ's explicit initial guess, built when the settings ask for it (deq=dict(init="skip"))
-        self.initializer = MultiscaleInitializer(cfg.num_channels[0], cfg.num_channels, cfg.num_groups, **dd) \
-            if deq_options.get("init") == "skip" else None
-        # C-DEQ's student, built for solver="consistency" (or cfg.student=True, to distil into it)
-        self.student = ConsistencyFunction(MultiscaleGenerator(cfg.num_channels, kernel_size=cfg.student_kernel_size,
-                                                               **dd)) \
-            if (deq_options.get("solver") == "consistency" or cfg.student) else None
+
+    def addons(self) -> Dict[str, nn.Module]:
+        """The parts trained apart from the MDEQ weights that this model has: {'initializer': ..., 'student': ...}.
+        Weights without them (a plain MDEQ checkpoint) load with these left at their init."""
+        return {name: part for name, part in (("initializer", self.initializer), ("student", self.student))
+                if part is not None}
 
     def __getstate__(self):
         # the last forward's stats may hold autograd graphs (jac_loss): not part of a copy (ModelEmaV3, deepcopy)
@@ -91,12 +99,14 @@ class MDEQStage(MDEQCell):
             raise ValueError(f"z0 must be {len(zeros)} tensors of shapes {[tuple(t.shape) for t in zeros]}, got "
                              f"{[tuple(t.shape) for t in z0]}")
         predictor = (lambda: self.initializer(injection)) if self.initializer is not None else None
+        inputs = {}
         if self.student is not None:
             self.student.generator.packer = StatePacker(z0)
+            inputs["student"] = self.student
         with forward_scope(self):
             jac = self.jac_probes if torch.is_grad_enabled() else 0
             z, self.stats = self.deq(lambda zs: self.cell(zs, injection), z0, jac_probes=jac, predictor=predictor,
-                                     student=self.student)
+                                     **inputs)
         return z
 
 
@@ -168,7 +178,7 @@ class MDEQBackbone(nn.Module):
         self.stage0 = nn.Sequential(
             nn.Conv2d(c0, c0, 1, bias=False, **dd), nn.BatchNorm2d(c0, momentum=bn_momentum, **dd), nn.ReLU(),
         ) if cfg.has_stage0 else None
-        self.fullstage = MDEQStage(cfg, cfg.deq, **dd)
+        self.fullstage = MDEQStage(cfg, **dd)
         self.feature_info = [dict(num_chs=c0, reduction=2 if d >= 1 else 1, module="downsample.2")] + [
             dict(num_chs=c, reduction=2 ** (d + i), module=f"fullstage.branches.{i}")
             for i, c in enumerate(cfg.num_channels)
@@ -176,8 +186,16 @@ class MDEQBackbone(nn.Module):
 
     # ------------------------------------------------------------------ DEQ control
     def configure_deq(self, **options: Any) -> DEQ:
-        """Change the solver settings at run time (``mdeq.core.DEQ`` options, validated)."""
+        """Change the solver settings at run time (``mdeq.core.DEQ`` options, validated; never changes modules)."""
         return self.fullstage.deq.configure(**options)
+
+    def addon_prefixes(self) -> Tuple[str, ...]:
+        """State-dict prefixes of the add-ons this model has (``MDEQStage.addons``): the Skip DEQ predictor and
+        the C-DEQ student, which weights of a plain MDEQ lack."""
+        if self.fullstage is None:
+            return ()
+        names = {id(m): n for n, m in self.named_modules()}
+        return tuple(f"{names[id(part)]}." for part in self.fullstage.addons().values())
 
     @property
     def deq(self) -> DEQ:
@@ -228,8 +246,7 @@ class MDEQBackbone(nn.Module):
         The Skip DEQ predictor and the C-DEQ student keep their own init (zero last layers: an untrained one
         predicts zeros / is one teacher step)."""
         stage = getattr(self, "fullstage", None)
-        own = {id(m) for part in (getattr(stage, "initializer", None), getattr(stage, "student", None))
-               if part is not None for m in part.modules()}
+        own = {id(m) for part in (stage.addons().values() if stage is not None else ()) for m in part.modules()}
         for m in self.modules():
             if id(m) in own:
                 continue
@@ -404,8 +421,6 @@ class MDEQNet(MDEQBackbone):
 # ---------------------------------------------------------------------------------------------- builders
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
     """Accept official checkpoints (v1/v2, weight_g/weight_v) as well as this package's state dicts."""
-    from .convert import convert_official_state_dict, is_official_state_dict
-
     if "state_dict" in state_dict and isinstance(state_dict["state_dict"], dict):
         state_dict = state_dict["state_dict"]
     return convert_official_state_dict(state_dict) if is_official_state_dict(state_dict) else state_dict
@@ -418,8 +433,9 @@ def _create_mdeq(variant: str, pretrained: bool = False, **kwargs) -> MDEQNet:
         base = _cifar_cfg() if CLS_PRESETS[variant].downsample_times == 0 else _cfg()
         published = resolve_catalog_weights(variant, kwargs.get("pretrained_cfg"), base)
         if published is not None:  # a published weight set: downloaded and verified by the zoo
-            kwargs["pretrained_cfg"], solver = published
-            cfg_overrides.setdefault("deq", solver)  # the solver its metrics were measured with
+            kwargs["pretrained_cfg"], model_args = published
+            for key, value in model_args.items():  # its architecture, and the solver its metrics were measured with
+                cfg_overrides.setdefault(key, value)
     cfg = resolve_config(CLS_PRESETS[variant], cfg_overrides)
     return build_model_with_cfg(
         MDEQNet, variant, pretrained, model_cfg=cfg,
@@ -427,6 +443,10 @@ def _create_mdeq(variant: str, pretrained: bool = False, **kwargs) -> MDEQNet:
         feature_cfg=dict(feature_cls="getter", out_indices=tuple(range(cfg.num_branches + 1))),
         **kwargs,
     )
+
+
+register_preset_builder("cls", lambda name, num_classes, device: timm.create_model(name, num_classes=num_classes,
+                                                                                 device=device))
 
 
 def _cfg(url: str = "", **kwargs) -> Dict[str, Any]:

@@ -8,6 +8,12 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional, Tuple
 
+import torch
+from safetensors.torch import load_file, save_file
+
+from .convert import convert_official_state_dict
+from .identify import infer_preset
+
 __all__ = ["catalog_cfgs", "resolve_catalog_weights", "official_converter", "fetch_segmentation_weights"]
 
 
@@ -38,9 +44,10 @@ def _tuples(cfg: Dict[str, Any]) -> Dict[str, Any]:
 
 def resolve_catalog_weights(variant: str, pretrained_cfg: Any,
                             base_cfg: Dict[str, Any]) -> Optional[Tuple[Dict[str, Any], Dict[str, Any]]]:
-    """(pretrained cfg, DEQ solver options) for ``variant`` + tag when the catalog has it, with the cfg's
-    ``file`` set to the fetched, verified weights; None when the tag is not a catalog entry (timm then
-    resolves it as usual). The solver options are those the entry's metrics were measured with."""
+    """(pretrained cfg, model arguments) for ``variant`` + tag when the catalog has it, with the cfg's ``file``
+    set to the fetched, verified weights; None when the tag is not a catalog entry (timm then resolves it as
+    usual). The model arguments are the entry's architecture fields (``model_args``) and, as ``deq``, the DEQ
+    settings its metrics were measured with."""
     if isinstance(pretrained_cfg, str) or pretrained_cfg is None:
         tag = pretrained_cfg
     else:
@@ -64,18 +71,13 @@ def resolve_catalog_weights(variant: str, pretrained_cfg: Any,
     path = fetch(name, catalog, convert=official_converter(variant, "cls"))
     cfg = dict(base_cfg, **_tuples(entry["pretrained_cfg"]), file=str(path), architecture=variant, tag=tag,
                license=entry["license"])
-    return cfg, dict(entry["solver"])
+    return cfg, {**dict(entry.get("model_args") or {}), "deq": dict(entry["solver"])}
 
 
 def official_converter(arch: str, task: str):
     """``convert(upstream, out)`` for ``zoo.download.fetch``: an original MDEQ checkpoint -> safetensors, after
     checking that it is exactly the ``arch`` preset for ``task`` ('cls' or 'seg') and loads strictly."""
     def convert(upstream, out) -> None:
-        import torch
-        from safetensors.torch import save_file
-
-        from .convert import convert_official_state_dict, infer_preset
-
         with open(upstream, "rb") as f:
             head = f.read(512).lstrip().lower()
         if head.startswith((b"<!doctype", b"<html", b"<")):
@@ -94,7 +96,6 @@ def official_converter(arch: str, task: str):
 
 def fetch_segmentation_weights(arch: str, tag: Optional[str] = None):
     """(state dict, entry) of a catalog segmentation entry of ``arch`` (the first one when ``tag`` is None)."""
-    from safetensors.torch import load_file
     from zoo.download import fetch
 
     catalog = _catalog()

@@ -14,7 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import SEG_PRESETS, config_field_names, resolve_config
+from .identify import register_preset_builder
 from .mdeq import MDEQBackbone
+from .pretrained import fetch_segmentation_weights
 
 __all__ = ["MDEQSegNet", "create_segmentation_model", "list_segmentation_models"]
 
@@ -77,10 +79,9 @@ def create_segmentation_model(name: str, num_classes: int = 19, pretrained: Unio
         raise ValueError(f"unknown segmentation model {name!r}; available: {list_segmentation_models()}")
     weights = None
     if pretrained:  # True: the first published Cityscapes entry of this preset; a string: that tag
-        from .pretrained import fetch_segmentation_weights
-
         weights, entry = fetch_segmentation_weights(name, pretrained if isinstance(pretrained, str) else None)
-        overrides.setdefault("deq", dict(entry["solver"]))
+        for key, value in {**dict(entry.get("model_args") or {}), "deq": dict(entry["solver"])}.items():
+            overrides.setdefault(key, value)  # its architecture, and the solver its metrics were measured with
     fields = config_field_names()
     cfg = resolve_config(SEG_PRESETS[name], {k: overrides.pop(k) for k in list(overrides) if k in fields})
     model = MDEQSegNet(cfg, num_classes=num_classes, **overrides)
@@ -89,3 +90,6 @@ def create_segmentation_model(name: str, num_classes: int = 19, pretrained: Unio
         head = [k for k in weights if k.startswith("last_layer.3.") and weights[k].shape != own[k].shape]
         model.load_state_dict({k: v for k, v in weights.items() if k not in head}, strict=not head)
     return model
+
+
+register_preset_builder("seg", create_segmentation_model)

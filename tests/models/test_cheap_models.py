@@ -5,7 +5,7 @@ import timm
 import torch
 
 import mdeq
-from mdeq.engine.evaluate import budget_options
+from mdeq.core import budget_options
 
 
 @pytest.fixture
@@ -14,7 +14,8 @@ def x():
 
 
 def test_skip_init_builds_a_multiscale_predictor_that_learns(x):
-    model = timm.create_model("mdeq_tiny", num_classes=10, deq=dict(init="skip", max_iter=6))
+    model = timm.create_model("mdeq_tiny", num_classes=10, skip_init=True, deq=dict(max_iter=6))
+    assert model.deq.options["init"] == "skip"  # a model with the predictor starts from its prediction
     init = model.fullstage.initializer
     assert init is not None and [h.out_channels for h in init.heads] == [24, 24]
     guess = init(model.forward_stem(x)[1])
@@ -54,7 +55,8 @@ def test_correction_outputs_are_head_outputs_at_trajectory_states(x):
 
 
 def test_consistency_student_is_part_of_the_model_and_untrained_it_is_one_teacher_step(x):
-    model = timm.create_model("mdeq_tiny", num_classes=10, deq=dict(solver="consistency", max_iter=1)).eval()
+    model = timm.create_model("mdeq_tiny", num_classes=10, student=True, deq=dict(solver="consistency", max_iter=1))
+    model.eval()
     assert any(k.startswith("fullstage.student.") for k in model.state_dict())
     with pytest.raises(ValueError, match="num_train_steps"):
         with torch.no_grad():
@@ -72,11 +74,12 @@ def test_consistency_student_is_part_of_the_model_and_untrained_it_is_one_teache
             torch.testing.assert_close(a, (T - t0) / T * b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("deq", [dict(solver="anderson"), dict(solver="broyden"), dict(solver="fixed_point"),
-                                 dict(solver="anderson", init="skip"), dict(solver="anderson", init="skip_reg"),
-                                 dict(solver="ode"), dict(solver="consistency"), dict(solver="unroll")])
-def test_budget_options_spend_exactly_k_f_evaluations(deq, x):
-    model = timm.create_model("mdeq_tiny", num_classes=10, deq=deq).eval()
+@pytest.mark.parametrize("arch, deq", [({}, dict(solver="anderson")), ({}, dict(solver="broyden")),
+                                       ({}, dict(solver="fixed_point")), (dict(skip_init=True), dict(solver="anderson")),
+                                       ({}, dict(solver="anderson", init="skip_reg")), ({}, dict(solver="ode")),
+                                       (dict(student=True), dict(solver="consistency")), ({}, dict(solver="unroll"))])
+def test_budget_options_spend_exactly_k_f_evaluations(arch, deq, x):
+    model = timm.create_model("mdeq_tiny", num_classes=10, deq=deq, **arch).eval()
     if model.fullstage.student is not None:
         model.fullstage.student.num_train_steps = 8
     calls = [0]
@@ -98,3 +101,27 @@ def test_budget_options_spend_exactly_k_f_evaluations(deq, x):
             assert calls[0] == 1 + 3 * ((k - 1) // 3)
         else:
             assert calls[0] == k, (deq, k)
+
+
+def test_architecture_fields_build_the_parts_and_run_time_settings_never_change_modules(x):
+    plain = timm.create_model("mdeq_tiny", num_classes=10)
+    keys = set(plain.state_dict())
+    with pytest.raises(ValueError, match="skip_init=True"):  # refused when set, not at the next forward
+        plain.configure_deq(init="skip")
+    with pytest.raises(ValueError, match="student=True"):
+        plain.configure_deq(solver="consistency")
+    for settings in (dict(init="skip_reg"), dict(solver="ode"), dict(solver="unroll", max_iter=2), dict(record="all"),
+                     dict(correction_states=2), dict(backward="phantom")):
+        plain.configure_deq(**settings)
+        assert set(plain.state_dict()) == keys and plain.addon_prefixes() == ()
+    both = timm.create_model("mdeq_tiny", num_classes=10, skip_init=True, student=True)
+    assert both.addon_prefixes() == ("fullstage.initializer.", "fullstage.student.")
+    both.configure_deq(init="zeros")  # the predictor is not used, but stays: a model's parts are its architecture
+    assert any(k.startswith("fullstage.initializer.") for k in both.state_dict())
+
+
+@pytest.mark.parametrize("old, field", [(dict(init="skip"), "skip_init"), (dict(solver="consistency"), "student")])
+def test_the_old_spelling_still_builds_the_part_and_names_the_new_one(old, field):
+    with pytest.warns(FutureWarning, match=f"{field}=True"):
+        model = timm.create_model("mdeq_tiny", num_classes=10, deq=old)
+    assert getattr(model.cfg, field) and model.addon_prefixes()

@@ -105,7 +105,8 @@ def test_fake_official_cityscapes_checkpoint_loads_into_the_segmentation_model(s
     seg = mdeq.create_segmentation_model("mdeq_small", pretrained=True)
     for k, v in source.state_dict().items():
         assert torch.equal(seg.state_dict()[k], v), k
-    assert seg.deq.options["solver"] == "broyden" and seg.deq.options["max_iter"] == 27
+    # the catalog's solver: the original's Broyden with F_THRES 27, i.e. 28 f-evaluations
+    assert seg.deq.options["solver"] == "broyden" and seg.deq.options["max_iter"] == 27 + 1
     other = mdeq.create_segmentation_model("mdeq_small", num_classes=5, pretrained="cityscapes_official")
     assert other.last_layer[3].weight.shape[0] == 5  # a new classifier; the rest is the checkpoint
     assert torch.equal(other.last_layer[0].weight, source.last_layer[0].weight)
