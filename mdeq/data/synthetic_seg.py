@@ -21,7 +21,7 @@ from typing import Mapping, Sequence, Tuple, Union
 import numpy as np
 from PIL import Image
 
-from .cityscapes import _LABELS, label_id_to_train_id
+from .cityscapes_labels import LABELS, label_id_to_train_id
 
 __all__ = ["make_synthetic_cityscapes", "prepare_synthetic_cityscapes", "default_synthetic_root",
            "SYNTHETIC_VERSION", "SYNTHETIC_SPLITS", "SYNTHETIC_SIZE"]
@@ -35,7 +35,7 @@ UNLABELED, EGO, OUT_OF_ROI, STATIC, GROUND = 0, 1, 3, 4, 6
 ROAD, SIDEWALK, BUILDING, POLE, VEGETATION, SKY, PERSON, CAR = 7, 8, 11, 17, 21, 23, 24, 26
 
 _COLORS = np.zeros((256, 3), dtype=np.float32)
-for _c in _LABELS:
+for _c in LABELS:
     if _c.id >= 0:
         _COLORS[_c.id] = _c.color
 # void classes are black in the official table; give them distinct grey-ish tones so they are not all alike

@@ -7,12 +7,14 @@ import pytest
 import torch
 from PIL import Image
 
-from mdeq.data.cityscapes import (
-    CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, IGNORE_INDEX, VALID_LABEL_IDS, CityscapesDataset, FolderPairDataset,
-    LabelValueError, build_seg_eval_transform, build_seg_train_transform, build_segmentation_dataset, colorize,
-    default_palette, label_id_to_train_id, save_label_png, to_label_ids, train_id_to_label_id,
-)
-from mdeq.data.classification import DatasetLayoutError, SeededDataset, UnreadableImageError
+from mdeq.data.cityscapes import CityscapesDataset
+from mdeq.data.cityscapes_labels import (CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, IGNORE_INDEX, VALID_LABEL_IDS,
+                                         label_id_to_train_id, to_label_ids, train_id_to_label_id)
+from mdeq.data.errors import DatasetLayoutError, UnreadableImageError
+from mdeq.data.factory import build_segmentation_dataset
+from mdeq.data.loaders import SeededDataset
+from mdeq.data.segmentation import (FolderPairDataset, LabelValueError, build_seg_eval_transform,
+                                    build_seg_train_transform, colorize, default_palette, save_label_png)
 from mdeq.data.synthetic_seg import default_synthetic_root, make_synthetic_cityscapes
 
 MEAN = np.array([0.485, 0.456, 0.406])
@@ -331,7 +333,7 @@ def test_colorize_and_label_png(tmp_path):
 def test_eval_batches_of_different_image_sizes_fail_clearly():
     import torch
 
-    from mdeq.data.cityscapes import collate_same_size
+    from mdeq.data.segmentation import collate_same_size
 
     same = collate_same_size([(torch.zeros(3, 4, 6), torch.zeros(4, 6)), (torch.ones(3, 4, 6), torch.ones(4, 6))])
     assert same[0].shape == (2, 3, 4, 6) and same[1].shape == (2, 4, 6)

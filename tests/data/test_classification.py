@@ -6,10 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from mdeq.data.classification import (
-    DatasetLayoutError, ImageFolderDataset, ResumableSampler, SeededDataset, ShardSampler, UnreadableImageError,
-    build_imagefolder_datasets, build_train_loader, find_split,
-)
+from mdeq.data.classification import ImageFolderDataset, build_imagefolder_datasets, find_split
+from mdeq.data.errors import DatasetLayoutError, UnreadableImageError
+from mdeq.data.loaders import ResumableSampler, SeededDataset, ShardSampler, build_train_loader
 from mdeq.data.digits import prepare_digits
 
 

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mdeq.data.cityscapes import CityscapesDataset, VALID_LABEL_IDS, label_id_to_train_id
+from mdeq.data.cityscapes import CityscapesDataset
+from mdeq.data.cityscapes_labels import VALID_LABEL_IDS, label_id_to_train_id
 from mdeq.data.synthetic_seg import (
     SYNTHETIC_VERSION, default_synthetic_root, make_synthetic_cityscapes, prepare_synthetic_cityscapes,
 )
