@@ -17,7 +17,7 @@ setup(
     license="MIT",
     python_requires=">=3.9",
     packages=find_packages(include=["mdeq", "mdeq.*", "zoo", "zoo.*"]),
-    package_data={"zoo": ["*.json", "weights/*.safetensors"]},
+    package_data={"zoo": ["*.json", "weights/*.safetensors"], "mdeq.configs": ["*.yaml", "*/*.yaml"]},
     install_requires=[
         "torch>=2.1,<=2.14.1",
         "torchvision",
@@ -33,4 +33,9 @@ setup(
         "numpy",
     ],
     extras_require={"dev": ["pytest>=7"]},
+    entry_points={"console_scripts": [
+        f"mdeq-{name.replace('_', '-')}=mdeq.cli.{name}:main"
+        for name in ("train_cls", "train_seg", "finetune", "eval_cls", "eval_seg", "distill", "publish_weights",
+                     "convert_official", "benchmark")
+    ]},
 )

@@ -43,3 +43,67 @@ def test_albumentations_1x_argument_names_fail_the_suite():
 
     with pytest.raises(UserWarning, match="not valid"):
         A.PadIfNeeded(min_height=8, min_width=8, border_mode=cv2.BORDER_CONSTANT, value=0, mask_value=255)
+
+
+def _import_graph():
+    """Module -> modules it imports (every import, also inside functions), and the private names imported across
+    modules, for the packages mdeq and zoo."""
+    import ast
+
+    files = {}
+    for pkg in ("mdeq", "zoo"):
+        for path in (ROOT / pkg).rglob("*.py"):
+            parts = list(path.relative_to(ROOT).with_suffix("").parts)
+            files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph, private = {}, []
+    for mod, path in files.items():
+        is_pkg = path.name == "__init__.py"
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = mod.split(".") if is_pkg else mod.split(".")[:-1]
+                base = base[:len(base) - (node.level - 1)] if node.level > 1 else base
+                target = ".".join(base + [node.module] if node.module else base) if node.level else node.module
+                for alias in node.names:
+                    full = f"{target}.{alias.name}"
+                    dest = full if full in files else target
+                    if dest in files and dest != mod:
+                        edges.add(dest)
+                    if alias.name.startswith("_") and not alias.name.startswith("__") and target in files \
+                            and target != mod:
+                        private.append(f"{mod} imports {target}.{alias.name}")
+            elif isinstance(node, ast.Import):
+                edges |= {a.name for a in node.names if a.name in files and a.name != mod}
+        graph[mod] = {d for d in edges if not (is_pkg and d.startswith(mod + "."))}
+    return graph, private
+
+
+def test_no_import_cycles_and_no_private_imports_across_modules():
+    graph, private = _import_graph()
+    assert not private, private
+    state, cycles = {}, []
+
+    def visit(mod, stack):
+        state[mod] = "active"
+        for dest in sorted(graph.get(mod, ())):
+            if state.get(dest) == "active":
+                cycles.append(stack[stack.index(dest):] + [dest])
+            elif dest not in state:
+                visit(dest, stack + [dest])
+        state[mod] = "done"
+
+    for mod in sorted(graph):
+        if mod not in state:
+            visit(mod, [mod])
+    assert not cycles, cycles
+
+
+def test_the_package_needs_no_checkout():
+    """Benchmarks and programs run from an installed package: no paths into the checkout's tools/ or configs/."""
+    import re
+
+    for path in (ROOT / "mdeq").rglob("*.py"):
+        code = path.read_text()
+        assert not re.search(r"""(ROOT|\])\s*/\s*["'](tools|configs)["']""", code), path
+    assert (ROOT / "mdeq" / "configs" / "train_cls.yaml").is_file()
+    assert '"mdeq.configs": ["*.yaml", "*/*.yaml"]' in (ROOT / "setup.py").read_text()

@@ -16,6 +16,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from mdeq.core import solver_spec
+
 __all__ = ["run", "to_markdown", "save"]
 
 DEFAULT_MODELS = (("mdeq_tiny", 32), ("mdeq_small", 224))
@@ -52,7 +54,7 @@ def run(models: Sequence = DEFAULT_MODELS, batch: int = 8, repeats: int = 3, tol
         x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
         progress(f"[{name}] batch {batch} x 3 x {size} x {size}")
         for solver in SOLVERS:
-            if solver == "unroll":
+            if solver_spec(solver).differentiable:  # the unrolled mode: the official pre-training depth
                 model.configure_deq(solver="unroll", max_iter=model.cfg.num_layers, tol=tol, stop_mode="rel")
             else:
                 model.configure_deq(solver=solver, max_iter=max_iter, tol=tol, stop_mode="rel")

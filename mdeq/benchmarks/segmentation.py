@@ -12,7 +12,7 @@ of a fixed random image. Reported per configuration:
 * ``peak_mb``: on CUDA ``torch.cuda.max_memory_allocated`` during the timed forwards; on CPU the growth of the
   process's peak resident set (VmHWM) over its size just before the warm-up forward.
 
-DEQ mode uses the preset's official solver settings (Broyden, full memory, ``f_thres`` iterations, its
+DEQ mode uses the preset's official solver settings (Broyden, full memory, ``max_iter`` evaluations, its
 tolerance and stop mode); ``max_iter`` and ``tol`` override the budget and the tolerance (``tol=0`` runs the
 full budget). Unrolled mode applies the cell ``num_layers`` times (the preset's official unrolled depth) or
 ``unroll_steps`` times. With random weights the cell is not contractive, so the solver's steps and residuals
@@ -26,8 +26,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .report import run_in_subprocess
-from .training import _peak_rss_mb, _rss_mb
+from .processes import peak_rss_mb, rss_mb, run_in_subprocess
 
 __all__ = ["run", "run_one", "to_markdown", "save", "default_configs", "parse_size", "DEFAULT_SIZES"]
 
@@ -69,8 +68,8 @@ def _deq_options(preset: Dict, mode: str, max_iter: int, tol: float) -> Dict:
     if mode != "deq":
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     opts = dict(preset.get("solver_options") or {})
-    if "memory" in opts:  # the official configs keep every Broyden update (memory = f_thres)
-        opts["memory"] = max_iter
+    if "memory" in opts:  # the official configs keep every Broyden update (max_iter - 1 of them)
+        opts["memory"] = max(1, max_iter - 1)
     return dict(solver=preset["solver"], max_iter=max_iter, tol=tol, stop_mode=preset["stop_mode"],
                 solver_options=opts)
 
@@ -107,7 +106,7 @@ def run_one(model: str, height: int, width: int, mode: str, max_iter: int, tol: 
             torch.cuda.synchronize()
         return out
 
-    base_rss = _rss_mb()
+    base_rss = rss_mb()
     out = forward()  # warm-up
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -119,7 +118,7 @@ def run_one(model: str, height: int, width: int, mode: str, max_iter: int, tol: 
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2 ** 20
     else:
-        peak = _peak_rss_mb() - base_rss
+        peak = peak_rss_mb() - base_rss
     s = net.deq_stats
     return dict(model=model, input=f"{height}x{width}", height=height, width=width, batch=1, mode=mode,
                 solver=opts["solver"], max_iter=max_iter, tol=tol, stop_mode=opts["stop_mode"],

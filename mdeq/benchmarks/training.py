@@ -17,13 +17,12 @@ and a tolerance of 0 so every run makes exactly ``max_iter`` iterations; unrolle
 from __future__ import annotations
 
 import contextlib
-import os
 import statistics
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from .report import run_in_subprocess
+from .processes import peak_rss_mb, rss_mb, run_in_subprocess
 
 __all__ = ["run", "run_one", "to_markdown", "save", "default_configs"]
 
@@ -35,23 +34,6 @@ def default_configs(model: str = "mdeq_small", iters: Sequence[int] = (8, 16, 32
     cfgs += [dict(model=model, mode="unroll", max_iter=k) for k in iters]
     cfgs.append(dict(model=BASELINE, mode="explicit", max_iter=0))
     return cfgs
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
-
-
-def _peak_rss_mb() -> float:
-    """This process's peak RSS (VmHWM). Unlike ``ru_maxrss`` it starts afresh at exec, so a large parent that
-    launched the measurement does not set a floor under it."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_one(model: str, mode: str, max_iter: int, size: int = 224, batch: int = 8, repeats: int = 2,
@@ -101,7 +83,7 @@ def run_one(model: str, mode: str, max_iter: int, size: int = 224, batch: int = 
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
-    base_rss = _rss_mb()
+    base_rss = rss_mb()
     step(count_saved=True)  # warm-up (and the saved-tensor count)
     sync()
     if dev.type == "cuda":
@@ -115,7 +97,7 @@ def run_one(model: str, mode: str, max_iter: int, size: int = 224, batch: int = 
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2 ** 20
     else:
-        peak = _peak_rss_mb() - base_rss
+        peak = peak_rss_mb() - base_rss
     sec = statistics.median(times)
     stats = getattr(net, "deq_stats", None)
     fwd = stats.nfe if stats is not None else 0

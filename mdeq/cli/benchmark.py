@@ -1,5 +1,5 @@
-#!/usr/bin/env python
-"""Benchmarks of mdeq-zoo. Usage: python tools/benchmark.py {solvers,models,train,seg,budget} [options] [--out DIR]
+"""Benchmarks of mdeq-zoo. Usage: python -m mdeq.cli.benchmark (or tools/benchmark.py) {solvers,models,train,seg,budget}
+[options] [--out DIR]
 
 solvers   f-evaluations, wall time and solver-overhead ratio of every solver on a fixed suite
           (see mdeq/benchmarks/solvers.py for the problems and the timing method)
@@ -16,16 +16,16 @@ budget    trains plain DEQ, DEQ + JR, phantom gradient, Skip DEQ, Skip Reg. DEQ,
           mdeq/benchmarks/budget.py). --data-root DIR trains on an ImageFolder (e.g. MNIST) instead of the digits
 """
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from mdeq.benchmarks import budget as budget_bench  # noqa: E402
-from mdeq.benchmarks import models as model_bench  # noqa: E402
-from mdeq.benchmarks import segmentation as seg_bench  # noqa: E402
-from mdeq.benchmarks import solvers as solver_bench  # noqa: E402
-from mdeq.benchmarks import training as train_bench  # noqa: E402
+from mdeq.benchmarks import budget as budget_bench
+from mdeq.benchmarks import models as model_bench
+from mdeq.benchmarks import segmentation as seg_bench
+from mdeq.benchmarks import solvers as solver_bench
+from mdeq.benchmarks import training as train_bench
+from mdeq.models.config import SEG_PRESETS
 
 
 def main(argv=None) -> int:
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     g.add_argument("--model", default="mdeq_small", help="segmentation preset (default mdeq_small)")
     g.add_argument("--sizes", nargs="+", default=["512x1024", "1024x2048"], metavar="HxW",
                    help="input sizes (default 512x1024 1024x2048)")
-    g.add_argument("--max-iter", type=int, default=None, help="DEQ solver budget (default: the preset's f_thres)")
+    g.add_argument("--max-iter", type=int, default=None, help="DEQ solver budget (default: the preset's max_iter)")
     g.add_argument("--tol", type=float, default=None,
                    help="DEQ solver tolerance (default: the preset's; 0 runs the full budget)")
     g.add_argument("--unroll-steps", type=int, default=None,
@@ -137,8 +137,6 @@ def main(argv=None) -> int:
         print(train_bench.to_markdown(result))
         print(f"wrote {paths['json']} and {paths['markdown']}")
     elif args.command == "seg":
-        from mdeq.models.config import SEG_PRESETS
-
         if args.model not in SEG_PRESETS:
             parser.error(f"--model must be one of {sorted(SEG_PRESETS)}, got {args.model!r}")
         divisor = SEG_PRESETS[args.model].size_divisor
@@ -166,8 +164,6 @@ def main(argv=None) -> int:
         print(seg_bench.to_markdown(result))
         print(f"wrote {paths['json']} and {paths['markdown']}")
     elif args.command == "budget":
-        import shlex
-
         for name in ("epochs", "jobs", "threads", "distill_epochs"):
             if getattr(args, name) is not None and getattr(args, name) < 1:
                 parser.error(f"--{name.replace('_', '-')} must be at least 1")

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Convert a released MDEQ checkpoint (locuslab/mdeq or locuslab/deq, .pkl/.pth) to safetensors for mdeq-zoo.
 
     python tools/convert_official.py MDEQ_Small_Cls.pkl mdeq_small.safetensors [--model mdeq_small]
@@ -13,13 +12,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+import torch
+from safetensors.torch import save_file
 
-import torch  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-
-from mdeq.models.convert import (StateDictMismatch, _build, convert_official_state_dict, infer_preset,  # noqa: E402
-                                 load_converted)
+from mdeq.models import (StateDictMismatch, build_preset, convert_official_state_dict, infer_preset,
+                         load_converted)
 
 
 def main(argv=None) -> int:
@@ -45,7 +42,7 @@ def main(argv=None) -> int:
             name, num_classes = args.model, sd[key].shape[0]
         else:
             name, task, num_classes = infer_preset(sd)
-        model = _build(name, task, num_classes).to_empty(device="cpu")
+        model = build_preset(name, task, num_classes).to_empty(device="cpu")
         load_converted(model, sd)
     except (StateDictMismatch, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -9,21 +9,22 @@ only the student's small per-resolution generator is trained. The output ``disti
 ``solver='consistency'`` (its ``max_iter`` = student steps) in eval_cls and publishes with publish_weights.
 """
 import argparse
-import json
-import os
+import logging
 import sys
-import time
-from pathlib import Path
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from mdeq.cli.common import output_folder, run_distributed
+from mdeq.core import list_solvers, solver_spec
+from mdeq.engine.distill import distill_classifier
+
+# solvers that can produce a teacher trajectory: not differentiable, needing nothing at call time
+ROOT_SOLVERS = [s for s in list_solvers() if not (solver_spec(s).differentiable or solver_spec(s).needs)]
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("checkpoint", help="a train_cls checkpoint (the frozen teacher)")
     p.add_argument("--data-root", help="the ImageFolder root it was trained on (default: the run's)")
-    p.add_argument("--teacher-solver", default="anderson", choices=["fixed_point", "anderson", "broyden"],
+    p.add_argument("--teacher-solver", default="anderson", choices=ROOT_SOLVERS,
                    help="solver whose trajectory the student learns (default anderson, as the paper)")
     p.add_argument("--teacher-steps", type=int, default=16, help="trajectory length K (default 16)")
     p.add_argument("--epochs", type=int, default=10)
@@ -44,32 +45,28 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None) -> dict:
+def run(argv=None) -> dict:
+    """Parse ``argv`` and run; returns the results (``main`` is the command line's exit code)."""
     args = parse_args(argv)
     for name in ("teacher_steps", "epochs", "batch_size"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
     if min(args.eval_iters) < 1:
         raise SystemExit("--eval-iters must be >= 1")
-    import logging
-
-    import mdeq  # noqa: F401
-    from mdeq.engine.distill import distill_classifier
-    from mdeq.engine.distributed import init_distributed, shutdown_distributed
-
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    out = Path(args.output or Path("outputs") / "distill" / time.strftime("%Y-%m-%d_%H-%M-%S"))
-    env = init_distributed(args.device)
-    try:
+
+    def job(env):
+        out = output_folder("distill", args.output, env)
         m = distill_classifier(args.checkpoint, out, env, data_root=args.data_root, teacher_solver=args.teacher_solver,
                                teacher_steps=args.teacher_steps, epochs=args.epochs, batch_size=args.batch_size,
                                lr=args.lr, ema_decay=args.ema_decay, global_weight=args.global_weight,
                                local_weight=args.local_weight, eval_iters=args.eval_iters, seed=args.seed,
                                workers=args.workers, progress=not args.no_progress,
                                student_kernel_size=args.student_kernel)
-    finally:
-        shutdown_distributed()
-    if env.is_main:
+        return m, out, env.is_main
+
+    m, out, is_main = run_distributed(args.device, job)
+    if is_main:
         print("f-evals  student top-1  teacher top-1")
         for k in args.eval_iters:
             print(f"{k:7d}  {m['val_top1_student'][str(k)]:13.2f}  {m['val_top1_teacher'][str(k)]:13.2f}")
@@ -79,5 +76,10 @@ def main(argv=None) -> dict:
     return m
 
 
+def main(argv=None) -> int:
+    run(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

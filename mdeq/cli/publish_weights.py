@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 DATASETS = {"digits": "sklearn-digits (UCI optical recognition of handwritten digits), 80/20 stratified split"}
 
@@ -62,10 +61,11 @@ def refresh_stats(catalog_path=None) -> None:
         if entry.get("stats"):
             continue
         arch, cfg = name.split(".", 1)[0], entry["pretrained_cfg"]
+        args = dict(entry.get("model_args") or {}, num_classes=cfg["num_classes"], deq=entry["solver"])
         if entry.get("task") == "segmentation":
-            model = mdeq.create_segmentation_model(arch, num_classes=cfg["num_classes"], deq=entry["solver"])
+            model = mdeq.create_segmentation_model(arch, **args)
         else:
-            model = timm.create_model(arch, num_classes=cfg["num_classes"], deq=entry["solver"])
+            model = timm.create_model(arch, **args)
         entry["stats"] = model_stats(model.eval(), tuple(cfg["input_size"]), int(entry["solver"]["max_iter"]))
         print(f"{name}: {entry['stats']}")
     save_catalog(catalog, catalog_path)
@@ -101,33 +101,31 @@ def main(argv=None) -> int:
         p.error("CHECKPOINT and --name are required (or --cards-only)")
     if not (args.ship or args.hf_repo or args.url):
         p.error("the entry needs a source: --ship, --hf-repo or --url")
-    import timm
     from safetensors.torch import save_file
     from timm.models._hub import save_config_for_hf
 
     import mdeq  # noqa: F401
     from mdeq.engine.checkpoint import load_checkpoint
-    from mdeq.engine.trainer import build_schedule
+    from mdeq.engine.rebuild import is_training_checkpoint, model_from_checkpoint
 
     ckpt = load_checkpoint(args.checkpoint)
-    if "identity" not in ckpt:
+    if not is_training_checkpoint(ckpt):
         p.error(f"{args.checkpoint} is not a training checkpoint of this package")
     ident, cfg = ckpt["identity"], ckpt["config"]
     arch = args.name.split(".", 1)[0]
     if arch != ident["arch"]:
         p.error(f"--name {args.name} names {arch} but the checkpoint holds {ident['arch']}")
-    weights = ckpt["model_ema"] if args.ema else ckpt["model"]
-    if weights is None:
+    if args.ema and ckpt.get("model_ema") is None:
         p.error("the checkpoint has no EMA weights")
-    model = timm.create_model(arch, num_classes=ident["num_classes"], **ident["model_kwargs"])
-    model.load_state_dict(weights, strict=True)  # what we publish loads strictly
-    build_schedule(cfg, model).apply_eval(model, int(ckpt["progress"]["step"]))
+    # what we publish loads strictly, in the run's evaluation settings
+    model = model_from_checkpoint(ckpt, use_ema=args.ema, where=str(args.checkpoint)).model
     data_cfg = dict(ckpt["data_cfg"])
     out = args.out or Path("published") / args.name
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"),
               metadata={"format": "pt", "arch": arch, "source": "mdeq-zoo"})
-    model_args = dict(ident["model_kwargs"], num_classes=ident["num_classes"],
+    arch_args = {k: v for k, v in ident["model_kwargs"].items() if k != "deq"}  # architecture fields
+    model_args = dict(arch_args, num_classes=ident["num_classes"],
                       deq=dict(model.deq.options))  # local-dir:/hf-hub: loads get the measured solver too
     save_config_for_hf(model, str(out / "config.json"), model_args=model_args,
                        model_config=dict(pretrained_cfg=dict(architecture=arch, tag=args.name.split(".", 1)[1])),
@@ -158,6 +156,7 @@ def main(argv=None) -> int:
                             label_names=list(ckpt.get("classes") or [])),
         stats=model_stats(model, tuple(data_cfg["input_size"]), int(solver["max_iter"])),
         citation=DEFAULT_CITATION,
+        **({"model_args": arch_args} if arch_args else {}),
     )
     entry = add_to_catalog(args.name, out, entry, ship=args.ship, catalog_path=args.catalog)
     (out / "README.md").write_text(model_card(args.name, entry))

@@ -2,6 +2,7 @@
 
 A checkpoint is written to a temporary file in the same folder, flushed to disk, then renamed over the
 target, so a run killed at any moment leaves either the previous checkpoint or the new one, never a torn file.
+``load_checkpoint`` returns it in the current format (``legacy.upgrade_checkpoint`` rewrites older ones).
 """
 from __future__ import annotations
 
@@ -9,12 +10,15 @@ import os
 import random
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Union
 
 import numpy as np
 import torch
 
-__all__ = ["save_atomic", "load_checkpoint", "capture_rng_state", "restore_rng_state", "CheckpointError"]
+from .legacy import upgrade_checkpoint
+
+__all__ = ["save_atomic", "load_checkpoint", "capture_rng_state", "restore_rng_state", "CheckpointError",
+           "plain_data"]
 
 
 class CheckpointError(RuntimeError):
@@ -52,7 +56,20 @@ def load_checkpoint(path: Union[str, Path], map_location: Any = "cpu") -> Dict[s
         raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path} does not hold a checkpoint dict (found {type(ckpt).__name__})")
-    return ckpt
+    return upgrade_checkpoint(ckpt)
+
+
+def plain_data(obj: Any) -> Any:
+    """Containers of str/int/float/bool/None only (what ``torch.load(weights_only=True)`` reads back)."""
+    if isinstance(obj, Mapping):
+        return {str(k): plain_data(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain_data(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item()
+    return str(obj)
 
 
 def capture_rng_state() -> Dict[str, Any]:

@@ -1,7 +1,7 @@
 """Classification training (``tools/train_cls.py``, ``tools/finetune.py``): ``ClassificationTrainer``.
 
 ``ClassificationTrainer(cfg, env, output_dir).fit()`` trains a timm model on an ImageFolder dataset with the
-loop of ``base_trainer.Trainer`` (MDEQ recipe, AMP, DDP, EMA, checkpoints, resume; see there) and adds what
+loop of ``training_loop.Trainer`` (MDEQ schedule, AMP, DDP, EMA, checkpoints, resume; see there) and adds what
 is specific to classification: timm transforms from the model's pretrained cfg, mixup/cutmix, label
 smoothing, top-1/top-5 evaluation. The final metrics are also written to ``<output_dir>/metrics.json``.
 """
@@ -17,35 +17,33 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 
-from ..data.classification import build_imagefolder_datasets, build_transform, resolve_data_cfg
-from ..data.digits import prepare_digits
-from .base_trainer import AMP_DTYPES, CHECKPOINT_VERSION, Progress, Trainer, build_schedule, model_deq_options
+from ..data.classification import build_transform, resolve_data_cfg
+from ..data.factory import build_classification_datasets
 from .evaluate import EvalResult, evaluate_classifier
+from .training_loop import Trainer
 from .weights import freeze_groups, load_backbone_weights, read_state_dict
 
-__all__ = ["ClassificationTrainer", "build_model", "build_schedule", "AMP_DTYPES", "CHECKPOINT_VERSION", "Progress"]
+__all__ = ["ClassificationTrainer", "build_model"]
 
 _log = logging.getLogger("mdeq.train")
 
-# parts a model may have that plain MDEQ weights lack: they start fresh when fine-tuning from such weights
-NEW_PARTS = ("fullstage.initializer", "fullstage.student")
 
 # ---------------------------------------------------------------------------------------------- builders
-def build_model(model_cfg: Mapping[str, Any], num_classes: int, deq: Optional[Mapping[str, Any]] = None) -> nn.Module:
+def build_model(model_cfg: Mapping[str, Any], num_classes: int) -> nn.Module:
     """A timm model from ``model`` config: name, pretrained, weights (local file), kwargs, drop_rate, freeze.
 
-    ``deq``: DEQ settings the model needs when it is built (``init='skip'`` adds the Skip DEQ predictor).
+    ``kwargs`` are the architecture's (``MDEQConfig`` fields: ``skip_init=true`` adds the Skip DEQ predictor).
+    Weights of a model without the add-ons (``addon_prefixes``) load with the add-ons left at their init.
     """
     name = model_cfg["name"]
     kwargs = dict(model_cfg.get("kwargs") or {})
-    if deq:
-        kwargs["deq"] = {**dict(kwargs.get("deq") or {}), **dict(deq)}
     model = timm.create_model(name, pretrained=bool(model_cfg.get("pretrained", False)), num_classes=num_classes,
                               drop_rate=float(model_cfg.get("drop_rate", 0.0) or 0.0), **kwargs)
     weights = model_cfg.get("weights")
     if weights:
+        addons = tuple(p.rstrip(".") for p in getattr(model, "addon_prefixes", lambda: ())())
         fresh, _ = load_backbone_weights(model, read_state_dict(weights, prefer_ema=bool(model_cfg.get("ema_weights"))),
-                                         head_names=("classifier",) + NEW_PARTS)
+                                         head_names=("classifier",) + addons)
         if fresh:
             _log.info("loaded %s; new head (%d classes): %s", weights, num_classes, fresh)
     freeze_groups(model, model_cfg.get("freeze") or [])
@@ -59,20 +57,10 @@ class ClassificationTrainer(Trainer):
     score_name = "val_top1"
 
     def build_datasets(self):
-        dcfg = self.cfg["data"]
-        root = dcfg.get("root")
-        if dcfg.get("name") == "digits":
-            if self.env.is_main:
-                root = prepare_digits(root)
-            self.env.barrier()
-            root = prepare_digits(root)  # every rank: returns at once now that the cache is complete
-        if not root:
-            raise ValueError("data.root is required: an ImageFolder root with train/ and val/ class folders")
-        return build_imagefolder_datasets(root, train_split=dcfg.get("train_split", "train"),
-                                          val_split=dcfg.get("val_split", "val"))
+        return build_classification_datasets(self.cfg["data"], self.env)
 
     def build_model(self) -> nn.Module:
-        return build_model(self.cfg["model"], self.num_classes, model_deq_options(self.cfg))
+        return build_model(self.cfg["model"], self.num_classes)
 
     def setup_transforms(self) -> None:
         self.data_cfg = resolve_data_cfg(self.model, self.cfg["data"].get("overrides"))

@@ -1,27 +1,31 @@
-"""The MDEQ training recipe as a schedule: unrolled pre-training, then DEQ mode with Jacobian regularisation.
+"""The MDEQ training schedule (config group ``schedule``): unrolled pre-training, then DEQ mode with the
+Jacobian penalty.
 
 Follows the official classification loop (``cls_function.train``), per optimizer step ``t``:
 
-* ``t < pretrain_steps``: unrolled mode, f applied ``unroll_steps`` times (the official NUM_LAYERS), Jacobian
-  weight ``jac.pretrain_weight``;
-* afterwards DEQ mode with forward/backward thresholds ``f_thres``/``b_thres``;
+* ``t < pretrain_steps``: unrolled mode, f applied ``unroll_steps`` times (the official NUM_LAYERS; None: the
+  model's ``num_layers``), Jacobian weight ``jac.pretrain_weight``;
+* afterwards DEQ mode with the run's DEQ settings (config group ``deq``, ``mdeq.core.DEQ`` options);
   Jacobian weight ``jac.weight + 0.1 * ((t - pretrain_steps) // jac.incremental)`` (no increase when
   ``incremental`` is 0), and 0 from epoch ``jac.stop_epoch`` on;
-* the penalty is computed only on a fraction ``jac.freq`` of steps; on those steps ``f_thres`` is moved by a
-  random delta in ``{-rand_f_thres_delta, ..., +1}`` (RAND_F_THRES_DELTA).
+* the penalty is computed only on a fraction ``jac.freq`` of steps; on those steps ``max_iter`` is moved by a
+  random delta in ``{-max_iter_jitter, ..., +1}`` (the official RAND_F_THRES_DELTA);
+* evaluation uses ``eval_max_iter`` (None: ``max_iter``).
 
 The random draws come from a generator seeded by (seed, step), so every DDP rank makes the same choice and a
-resumed run makes the same choices as an uninterrupted one.
+resumed run makes the same choices as an uninterrupted one. The defaults of the ``schedule`` config group are
+this module's dataclass defaults (``schedule_defaults``), their only home.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
 from torch import nn
 
-__all__ = ["JacobianSchedule", "DEQSchedule", "StepPlan", "PRETRAIN", "DEQ_MODE"]
+__all__ = ["JacobianSchedule", "DEQSchedule", "StepPlan", "PRETRAIN", "DEQ_MODE", "SCHEDULE_FIELDS",
+           "schedule_defaults", "deq_changes", "build_schedule"]
 
 PRETRAIN, DEQ_MODE = "pretrain", "deq"
 
@@ -30,22 +34,23 @@ PRETRAIN, DEQ_MODE = "pretrain", "deq"
 class JacobianSchedule:
     """Official LOSS.JAC_* keys: weight, freq, incremental (steps per +0.1), stop_epoch, pretrain_weight."""
 
-    weight: float = 0.0
-    freq: float = 0.0
-    incremental: int = 0
-    stop_epoch: Optional[int] = None
-    pretrain_weight: float = 0.0
-    probes: int = 2  # Hutchinson vectors (the official ``vecs``)
+    weight: float = 0.0           # penalty weight in DEQ mode (official JAC_LOSS_WEIGHT)
+    freq: float = 0.0             # fraction of the steps that compute it (JAC_LOSS_FREQ)
+    incremental: int = 0          # DEQ steps per +0.1 of the weight; 0: constant (JAC_INCREMENTAL)
+    stop_epoch: Optional[int] = None  # no penalty from this epoch on (JAC_STOP_EPOCH)
+    pretrain_weight: float = 0.0  # weight while unrolled (PRETRAIN_JAC_LOSS_WEIGHT)
+    probes: int = 2               # Hutchinson vectors (the official ``vecs``)
 
     def __post_init__(self):
         if not 0.0 <= self.freq <= 1.0:
-            raise ValueError(f"jac.freq is a probability in [0, 1], got {self.freq}")
+            raise ValueError(f"schedule.jac.freq is a probability in [0, 1], got {self.freq}")
         if self.weight < 0 or self.pretrain_weight < 0:
-            raise ValueError("jac.weight and jac.pretrain_weight must be >= 0")
+            raise ValueError("schedule.jac.weight and schedule.jac.pretrain_weight must be >= 0")
         if self.incremental < 0:
-            raise ValueError(f"jac.incremental is a number of steps >= 0 (0 = constant weight), got {self.incremental}")
+            raise ValueError(f"schedule.jac.incremental is a number of steps >= 0 (0 = constant weight), got "
+                             f"{self.incremental}")
         if self.probes < 1:
-            raise ValueError(f"jac.probes must be >= 1, got {self.probes}")
+            raise ValueError(f"schedule.jac.probes must be >= 1, got {self.probes}")
 
 
 @dataclass(frozen=True)
@@ -53,7 +58,7 @@ class StepPlan:
     """What one optimizer step does: its phase, solver budget and Jacobian-penalty weight (0 = not computed)."""
 
     phase: str
-    f_thres: int
+    max_iter: Optional[int]  # the solver budget, or the unrolled depth (None: the model's num_layers)
     jac_weight: float
 
     @property
@@ -63,40 +68,44 @@ class StepPlan:
 
 @dataclass(frozen=True)
 class DEQSchedule:
-    """Pre-training length, unrolled depth, DEQ solver options and the Jacobian schedule.
+    """Pre-training length and depth, the evaluation budget, the threshold jitter and the Jacobian schedule
+    (the ``schedule`` group), with the DEQ-mode settings ``deq`` (``mdeq.core.DEQ`` options; ``max_iter`` is
+    the budget that jitter moves) and the run's seed."""
 
-    ``deq`` holds ``mdeq.core.DEQ`` options for DEQ mode (``max_iter`` is f_thres, ``b_max_iter`` is b_thres);
-    ``eval_f_thres`` is the forward budget at evaluation (default: ``deq['max_iter']``).
-    """
-
-    pretrain_steps: int = 0
-    unroll_steps: int = 10
-    deq: Mapping[str, Any] = field(default_factory=dict)
-    eval_f_thres: Optional[int] = None
-    rand_f_thres_delta: int = 0
+    pretrain_steps: int = 0              # optimizer steps unrolled before DEQ mode (official PRETRAIN_STEPS)
+    unroll_steps: Optional[int] = None   # f-applications when unrolled (None: the model's num_layers)
+    eval_max_iter: Optional[int] = None  # forward budget at evaluation (None: deq max_iter)
+    max_iter_jitter: int = 0             # on Jacobian-penalty steps max_iter += U{-jitter..1} (RAND_F_THRES_DELTA)
     jac: JacobianSchedule = field(default_factory=JacobianSchedule)
+    deq: Mapping[str, Any] = field(default_factory=dict)
     seed: int = 0
 
     def __post_init__(self):
-        if self.pretrain_steps < 0 or self.unroll_steps < 1:
-            raise ValueError("pretrain_steps must be >= 0 and unroll_steps >= 1")
+        if self.pretrain_steps < 0 or (self.unroll_steps is not None and self.unroll_steps < 1):
+            raise ValueError("schedule.pretrain_steps must be >= 0 and schedule.unroll_steps >= 1 (or null)")
+        if self.eval_max_iter is not None and self.eval_max_iter < 1:
+            raise ValueError(f"schedule.eval_max_iter must be >= 1 (or null), got {self.eval_max_iter}")
         if "max_iter" not in self.deq:
-            raise ValueError("deq options need max_iter (the forward threshold f_thres)")
-        if self.rand_f_thres_delta < 0:
-            raise ValueError(f"rand_f_thres_delta must be >= 0, got {self.rand_f_thres_delta}")
+            raise ValueError("the DEQ-mode settings need max_iter (the forward budget)")
+        if self.max_iter_jitter < 0:
+            raise ValueError(f"schedule.max_iter_jitter must be >= 0, got {self.max_iter_jitter}")
 
     @property
-    def f_thres(self) -> int:
+    def max_iter(self) -> int:
         return int(self.deq["max_iter"])
 
     def phase(self, step: int) -> str:
         return PRETRAIN if step < self.pretrain_steps else DEQ_MODE
 
+    def depth(self, model: nn.Module) -> int:
+        """The unrolled depth: ``unroll_steps``, else the model's ``num_layers`` (the official NUM_LAYERS)."""
+        return self.unroll_steps or int(getattr(getattr(model, "cfg", None), "num_layers", None) or 1)
+
     def plan(self, step: int, epoch: int) -> StepPlan:
         """The plan of optimizer step ``step`` (0-based, counted over the whole run) in ``epoch``."""
         rng = np.random.default_rng([self.seed, step, 0xDE0])
         draw = rng.random()
-        delta = int(rng.integers(-self.rand_f_thres_delta, 2)) if self.rand_f_thres_delta else 0
+        delta = int(rng.integers(-self.max_iter_jitter, 2)) if self.max_iter_jitter else 0
         phase = self.phase(step)
         if phase == PRETRAIN:
             weight = self.jac.pretrain_weight
@@ -106,28 +115,62 @@ class DEQSchedule:
             deq_steps = step - self.pretrain_steps
             weight = self.jac.weight + (0.1 * (deq_steps // self.jac.incremental) if self.jac.incremental else 0.0)
         compute = weight > 0 and draw < self.jac.freq
-        f_thres = self.f_thres
+        max_iter = self.max_iter
         if phase == DEQ_MODE and compute:
-            f_thres = max(1, f_thres + delta)
-        return StepPlan(phase=phase, f_thres=f_thres if phase == DEQ_MODE else self.unroll_steps,
+            max_iter = max(1, max_iter + delta)
+        return StepPlan(phase=phase, max_iter=max_iter if phase == DEQ_MODE else self.unroll_steps,
                         jac_weight=weight if compute else 0.0)
 
     def apply(self, model: nn.Module, plan: StepPlan) -> None:
         """Configure ``model`` (an MDEQ backbone) for a training step with ``plan``."""
         if plan.phase == PRETRAIN:
-            model.configure_deq(solver="unroll", max_iter=self.unroll_steps)
+            model.configure_deq(solver="unroll", max_iter=plan.max_iter or self.depth(model))
         else:
-            model.configure_deq(**{**dict(self.deq), "max_iter": plan.f_thres})
+            model.configure_deq(**{**dict(self.deq), "max_iter": plan.max_iter})
         model.jac_probes = self.jac.probes if plan.compute_jac else 0
 
-    def apply_eval(self, model: nn.Module, step: int, f_thres: Optional[int] = None) -> None:
-        """Configure ``model`` for evaluation after ``step`` optimizer steps (the phase training is in)."""
+    def apply_eval(self, model: nn.Module, step: int, max_iter: Optional[int] = None) -> None:
+        """Configure ``model`` for evaluation after ``step`` optimizer steps (the phase training is in);
+        ``max_iter`` (DEQ mode) overrides the evaluation budget."""
         model.jac_probes = 0
-        if self.phase(step) == PRETRAIN and f_thres is None:
-            model.configure_deq(solver="unroll", max_iter=self.unroll_steps)
+        if self.phase(step) == PRETRAIN and max_iter is None:
+            model.configure_deq(solver="unroll", max_iter=self.depth(model))
         else:
-            model.configure_deq(**{**dict(self.deq), "max_iter": f_thres or self.eval_f_thres or self.f_thres})
+            model.configure_deq(**{**dict(self.deq), "max_iter": max_iter or self.eval_max_iter or self.max_iter})
 
     def describe(self, step: int) -> Dict[str, Any]:
         return dict(phase=self.phase(step), pretrain_steps=self.pretrain_steps, unroll_steps=self.unroll_steps,
                     **{f"deq_{k}": v for k, v in self.deq.items()})
+
+
+SCHEDULE_FIELDS = ("pretrain_steps", "unroll_steps", "eval_max_iter", "max_iter_jitter", "jac")
+
+
+def schedule_defaults() -> Dict[str, Any]:
+    """The ``schedule`` config group's keys and defaults (registered as ``schedule/base`` by the tools)."""
+    defaults = DEQSchedule(deq={"max_iter": 1})
+    return {f.name: (asdict(defaults.jac) if f.name == "jac" else getattr(defaults, f.name))
+            for f in fields(DEQSchedule) if f.name in SCHEDULE_FIELDS}
+
+
+def deq_changes(cfg: Mapping[str, Any]) -> Dict[str, Any]:
+    """The run config's DEQ settings (group ``deq``) that are set: null leaves the model's own."""
+    return {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in dict(cfg.get("deq") or {}).items()
+            if v is not None}
+
+
+def build_schedule(cfg: Mapping[str, Any], model: nn.Module) -> DEQSchedule:
+    """The run's schedule; ``model`` gets the run's DEQ-mode settings now (validated before the first step).
+
+    The schedule keeps the model's resulting settings whole (its preset's, changed by the run's ``deq``), so
+    returning to DEQ mode after the unrolled phase restores all of them.
+    """
+    model.configure_deq(**deq_changes(cfg))
+    s = dict(cfg.get("schedule") or {})
+    jac = JacobianSchedule(**dict(s.pop("jac", None) or {}))
+    unknown = sorted(set(s) - set(SCHEDULE_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown schedule setting(s) {unknown}; valid: {list(SCHEDULE_FIELDS)}")
+    deq = {**model.deq.settings, "max_iter": model.deq.options["max_iter"]}
+    schedule = DEQSchedule(jac=jac, deq=deq, seed=int(cfg["train"]["seed"]), **s)
+    return replace(schedule, unroll_steps=schedule.depth(model))

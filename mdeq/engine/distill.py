@@ -17,42 +17,23 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-import timm
 import torch
-from torch import nn
 from tqdm import tqdm
 
-from ..core import collect_trajectory, consistency_losses, distillation_loss, karras_times, make_ema
+from ..core import budget_options, collect_trajectory, consistency_losses, distillation_loss, karras_times, make_ema
 from ..core.scope import forward_scope
-from ..data.classification import (build_eval_loader, build_imagefolder_datasets, build_train_loader,
-                                   build_transform, resolve_data_cfg)
-from ..data.digits import prepare_digits
+from ..data.classification import build_transform, resolve_data_cfg
+from ..data.factory import build_classification_datasets
+from ..data.loaders import build_eval_loader, build_train_loader
 from .checkpoint import load_checkpoint, save_atomic
 from .distributed import DistEnv
-from .evaluate import budget_options, evaluate_classifier
+from .evaluate import evaluate_classifier
+from .rebuild import model_from_checkpoint
 from .run_logger import write_json_atomic
 
 __all__ = ["distill_classifier"]
 
 _log = logging.getLogger("mdeq.distill")
-
-
-def _teacher_and_student(ckpt: Dict[str, Any], kernel_size: int = 1) -> nn.Module:
-    """The checkpoint's model rebuilt with a student; the teacher's weights loaded, everything but G frozen."""
-    from .model_source import _model_kwargs
-
-    ident = ckpt["identity"]
-    kwargs = copy.deepcopy(_model_kwargs(ident, ckpt["config"]))
-    kwargs.update(student=True, student_kernel_size=int(kernel_size))
-    model = timm.create_model(ident["arch"], num_classes=ident["num_classes"], **kwargs)
-    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
-    if unexpected or any(not k.startswith("fullstage.student.") for k in missing):
-        raise ValueError(f"the checkpoint's weights do not fit {ident['arch']}: missing "
-                         f"{[k for k in missing if not k.startswith('fullstage.student.')][:5]}, unexpected "
-                         f"{unexpected[:5]}")
-    for name, p in model.named_parameters():
-        p.requires_grad_(name.startswith("fullstage.student."))
-    return model
 
 
 def distill_classifier(checkpoint: str, output_dir: Path, env: DistEnv, data_root: Optional[str] = None,
@@ -62,8 +43,6 @@ def distill_classifier(checkpoint: str, output_dir: Path, env: DistEnv, data_roo
                        seed: int = 0, workers: int = 2, progress: bool = True,
                        student_kernel_size: int = 1) -> Dict[str, Any]:
     """Distil a student into the classifier of ``checkpoint``; writes ``distilled.pth`` and ``metrics.json``."""
-    from .trainer import build_schedule
-
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     ckpt = load_checkpoint(checkpoint)
@@ -71,22 +50,21 @@ def distill_classifier(checkpoint: str, output_dir: Path, env: DistEnv, data_roo
         raise ValueError(f"{checkpoint} is not a classification training checkpoint of this package")
     cfg = ckpt["config"]
     torch.manual_seed(seed)
-    model = _teacher_and_student(ckpt, student_kernel_size).to(env.device).eval()  # eval: BatchNorm statistics stay the teacher's
-    schedule = build_schedule(cfg, model)
-    step = int(ckpt["progress"]["step"])
-    schedule.apply_eval(model, step)  # the teacher's own DEQ settings, for the comparison below
+    # the teacher with a student added (the teacher's weights loaded, the student at its init) in the teacher's
+    # own DEQ settings, for the comparison below; eval mode: BatchNorm statistics stay the teacher's
+    loaded = model_from_checkpoint(ckpt, arch_overrides=dict(student=True, student_kernel_size=int(student_kernel_size)),
+                                   where=str(checkpoint))
+    model, schedule, step = loaded.model.to(env.device).eval(), loaded.schedule, loaded.step
     teacher_options = dict(model.deq.options)
     stage = model.fullstage
     student = stage.student
+    for p in model.parameters():  # only the student's generator is trained
+        p.requires_grad_(False)
+    for p in student.parameters():
+        p.requires_grad_(True)
 
     # data: the run's train images with eval transforms (the teacher's inputs), and its val set
-    root = data_root or cfg["data"].get("root")
-    if cfg["data"].get("name") == "digits":
-        root = prepare_digits(root)
-    if not root:
-        raise ValueError("--data-root is required: the ImageFolder root the teacher was trained on")
-    train_set, val_set = build_imagefolder_datasets(root, train_split=cfg["data"].get("train_split", "train"),
-                                                    val_split=cfg["data"].get("val_split", "val"))
+    train_set, val_set = build_classification_datasets(cfg["data"], env, root=data_root)
     data_cfg = resolve_data_cfg(model, ckpt.get("data_cfg"))
     train_set.transform = val_set.transform = build_transform(data_cfg, False)
     loader = build_train_loader(train_set, batch_size, seed, env.world_size, env.rank, workers)
@@ -148,7 +126,8 @@ def distill_classifier(checkpoint: str, output_dir: Path, env: DistEnv, data_roo
     # the distilled checkpoint: the run's checkpoint with the student and solver='consistency'
     k_default = int(min(eval_iters))
     new_cfg = copy.deepcopy(cfg)
-    new_cfg["deq"].update(solver="consistency", f_thres=k_default, solver_options=None, eval_f_thres=None)
+    new_cfg["deq"].update(solver="consistency", max_iter=k_default, solver_options=None)
+    new_cfg.setdefault("schedule", {})["eval_max_iter"] = None
     student_kwargs = dict(student=True, student_kernel_size=int(student_kernel_size))
     new_cfg["model"]["kwargs"] = {**dict(new_cfg["model"].get("kwargs") or {}), **student_kwargs}
     ident = dict(ckpt["identity"], model_kwargs={**dict(ckpt["identity"].get("model_kwargs") or {}), **student_kwargs})

@@ -1,8 +1,11 @@
-"""Classification evaluation: top-1/top-5, loss, and the solver's convergence, all-reduced over ranks."""
+"""Classification evaluation: top-1/top-5, loss, and the solver's convergence, all-reduced over ranks; the
+accuracy at several solver budgets (``sweep_solver_budgets``) and its table and plot (``write_sweep``)."""
 from __future__ import annotations
 
-import contextlib
+import csv
+import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import torch
@@ -10,9 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from ..core import budget_options  # noqa: F401  (its home is the core; kept importable from here)
+from .amp import autocast_context
 from .distributed import DistEnv, all_reduce_sum
 
-__all__ = ["EvalResult", "evaluate_classifier", "sweep_solver_budgets", "autocast_context", "budget_options"]
+__all__ = ["EvalResult", "evaluate_classifier", "sweep_solver_budgets", "write_sweep"]
 
 
 @dataclass
@@ -29,12 +34,6 @@ class EvalResult:
 
     def as_dict(self, prefix: str = "") -> Dict[str, float]:
         return {f"{prefix}{k}": v for k, v in asdict(self).items()}
-
-
-def autocast_context(device: torch.device, amp_dtype: Optional[torch.dtype]):
-    if amp_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=amp_dtype)
 
 
 @torch.no_grad()
@@ -88,24 +87,27 @@ def sweep_solver_budgets(model: nn.Module, loader: Iterable, env: DistEnv, budge
     return rows
 
 
-def budget_options(options: Dict[str, Any], evals: int) -> Dict[str, Any]:
-    """``configure_deq`` settings under which an inference forward makes exactly ``evals`` f-evaluations and
-    the head sees the last one's output (the comparison axis of the accuracy-vs-compute benchmark).
+def write_sweep(rows: List[Dict[str, float]], out: Path, title: str) -> None:
+    """``sweep.csv``, ``sweep.json`` and the accuracy-vs-budget plot ``sweep.png`` in ``out``."""
+    with (out / "sweep.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    (out / "sweep.json").write_text(json.dumps(rows, indent=2) + "\n")
+    import matplotlib
 
-    A solver with ``final_step`` returns f of its best iterate, computed when its residual was checked, so k
-    evaluations end in f's output at no extra cost (tolerance 0: all k run). Skip Reg. DEQ spends one of them
-    on z0 = f(0); the consistency solver spends one per student step; ``unroll`` (the explicit residual
-    stack) applies f exactly k times.
-    """
-    if evals < 1:
-        raise ValueError(f"the budget must be at least one f-evaluation, got {evals}")
-    solver, init = options["solver"], options.get("init", "zeros")
-    if solver == "consistency":
-        return dict(solver=solver, max_iter=evals, solver_options=dict(measure_residual=False), final_step=False)
-    if solver == "unroll":
-        return dict(solver=solver, max_iter=evals, final_step=False)
-    left = evals - (1 if init == "skip_reg" else 0)  # what the solve may use
-    if left == 0:  # Skip Reg. DEQ with one evaluation: its start f(0) is the answer
-        return dict(solver="unroll", max_iter=1, init="zeros", final_step=False)
-    return dict(solver=solver, max_iter=left, tol=0.0, final_step=True,
-                solver_options=dict(options.get("solver_options") or {}))
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    iters = [r["max_iter"] for r in rows]
+    ax.plot(iters, [r["top1"] for r in rows], "o-", label="top-1")
+    ax.plot(iters, [r["top5"] for r in rows], "s--", label="top-5")
+    ax.set_xlabel("forward solver budget (max_iter)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(f"accuracy vs. solver iterations: {title}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "sweep.png")
+    plt.close(fig)

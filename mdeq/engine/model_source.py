@@ -1,36 +1,20 @@
-"""Building a model for evaluation from what the user points at: a training checkpoint of this package,
-a local weights file (safetensors, a state dict, an official MDEQ checkpoint) or a timm name with a tag."""
+"""Building a model for evaluation from what the user points at: a training checkpoint of this package
+(``rebuild.model_from_checkpoint``), a local weights file (safetensors, a state dict, an official MDEQ
+checkpoint) or a timm name with a tag."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import timm
 import torch
-from torch import nn
 
-from ..models.convert import infer_preset, load_converted
+from ..models import create_segmentation_model, infer_preset, list_segmentation_models, load_converted
 from .checkpoint import load_checkpoint
-from .deq_schedule import DEQSchedule
+from .rebuild import LoadedModel, is_training_checkpoint, model_from_checkpoint
 from .weights import read_state_dict, state_dict_from
 
 __all__ = ["LoadedModel", "load_model_for_eval", "load_segmentation_model_for_eval"]
-
-
-@dataclass
-class LoadedModel:
-    """A model ready for ``eval()``, with what its source says about data and solver settings."""
-
-    model: nn.Module
-    arch: str
-    description: str
-    classes: Optional[List[str]] = None          # class names in index order (training checkpoints)
-    data_cfg: Optional[Dict[str, Any]] = None    # the transforms' data config used in training
-    config: Optional[Dict[str, Any]] = None      # the training run's config
-    schedule: Optional[DEQSchedule] = None
-    step: int = 0
-    extra: Dict[str, Any] = field(default_factory=dict)
 
 
 def load_model_for_eval(source: str, model_name: Optional[str] = None, num_classes: Optional[int] = None,
@@ -38,11 +22,11 @@ def load_model_for_eval(source: str, model_name: Optional[str] = None, num_class
     path = Path(source)
     if path.is_file():
         raw = _read_file(path)
-        if isinstance(raw, dict) and "identity" in raw and "model" in raw:
+        if is_training_checkpoint(raw):
             if raw["identity"].get("task", "classification") != "classification":
                 raise ValueError(f"{path} is a {raw['identity']['task']} checkpoint; eval_cls evaluates classifiers "
                                  f"(use tools/eval_seg.py)")
-            return _from_training_checkpoint(path, raw, use_ema)
+            return _described(model_from_checkpoint(raw, use_ema, where=str(path)), path)
         if use_ema:
             raise ValueError(f"--ema needs a training checkpoint with EMA weights; {path} is a plain weights file")
         sd = state_dict_from(raw, path) if raw is not None else read_state_dict(path)
@@ -55,22 +39,9 @@ def load_model_for_eval(source: str, model_name: Optional[str] = None, num_class
     return LoadedModel(model=model, arch=source.split(".")[0], description=f"timm model {source}")
 
 
-def _from_training_checkpoint(path: Path, ckpt: Dict[str, Any], use_ema: bool) -> LoadedModel:
-    from .trainer import build_schedule
-
-    ident, cfg = ckpt["identity"], ckpt["config"]
-    model = timm.create_model(ident["arch"], num_classes=ident["num_classes"], **_model_kwargs(ident, cfg))
-    weights = ckpt["model"]
-    if use_ema:
-        if ckpt.get("model_ema") is None:
-            raise ValueError(f"{path} has no EMA weights (the run had train.ema.enabled=false)")
-        weights = ckpt["model_ema"]
-    model.load_state_dict(weights)
-    schedule = build_schedule(cfg, model)
-    step = int(ckpt["progress"]["step"])
-    return LoadedModel(model=model, arch=ident["arch"], description=f"training checkpoint {path} (step {step})",
-                       classes=ckpt.get("classes"), data_cfg=ckpt.get("data_cfg"), config=cfg, schedule=schedule,
-                       step=step)
+def _described(loaded: LoadedModel, path: Path) -> LoadedModel:
+    loaded.description = f"training checkpoint {path} (step {loaded.step})"
+    return loaded
 
 
 def _from_weights_file(path: Path, sd: Dict[str, torch.Tensor], model_name: Optional[str],
@@ -94,13 +65,14 @@ def load_segmentation_model_for_eval(source: str, model_name: Optional[str] = No
     """A segmentation model from a ``train_seg`` checkpoint, a weights file (safetensors, state dict, or an
     official Cityscapes checkpoint; the preset is inferred unless ``model_name`` is given) or a published
     tag ``arch.tag`` (e.g. ``mdeq_small.cityscapes_official``)."""
-    from ..models.segmentation import create_segmentation_model, list_segmentation_models
-
     path = Path(source)
     if path.is_file():
         raw = _read_file(path)
-        if isinstance(raw, dict) and "identity" in raw and "model" in raw:
-            return _seg_from_training_checkpoint(path, raw, use_ema)
+        if is_training_checkpoint(raw):
+            if raw["identity"].get("task") != "segmentation":
+                raise ValueError(f"{path} is a {raw['identity'].get('task', 'classification')} checkpoint; eval_seg "
+                                 f"evaluates segmentation models (use tools/eval_cls.py)")
+            return _described(model_from_checkpoint(raw, use_ema, where=str(path)), path)
         if use_ema:
             raise ValueError(f"--ema needs a training checkpoint with EMA weights; {path} is a plain weights file")
         sd = state_dict_from(raw, path) if raw is not None else read_state_dict(path)
@@ -124,40 +96,6 @@ def load_segmentation_model_for_eval(source: str, model_name: Optional[str] = No
         raise ValueError(f"{source!r}: {arch!r} is not a segmentation preset ({list_segmentation_models()})")
     model = create_segmentation_model(arch, num_classes=num_classes or 19, pretrained=tag or True)
     return LoadedModel(model=model, arch=arch, description=f"published weights {source}")
-
-
-def _seg_from_training_checkpoint(path: Path, ckpt: Dict[str, Any], use_ema: bool) -> LoadedModel:
-    from ..models.segmentation import create_segmentation_model
-    from .trainer import build_schedule
-
-    ident, cfg = ckpt["identity"], ckpt["config"]
-    if ident.get("task") != "segmentation":
-        raise ValueError(f"{path} is a {ident.get('task', 'classification')} checkpoint; eval_seg evaluates "
-                         f"segmentation models (use tools/eval_cls.py)")
-    model = create_segmentation_model(ident["arch"], num_classes=ident["num_classes"], **_model_kwargs(ident, cfg))
-    weights = ckpt["model"]
-    if use_ema:
-        if ckpt.get("model_ema") is None:
-            raise ValueError(f"{path} has no EMA weights (the run had train.ema.enabled=false)")
-        weights = ckpt["model_ema"]
-    model.load_state_dict(weights)
-    schedule = build_schedule(cfg, model)
-    step = int(ckpt["progress"]["step"])
-    return LoadedModel(model=model, arch=ident["arch"], description=f"training checkpoint {path} (step {step})",
-                       classes=ckpt.get("classes"), data_cfg=ckpt.get("data_cfg"), config=cfg, schedule=schedule,
-                       step=step, extra=dict(palette=ckpt.get("palette"), ignore_index=ckpt.get("ignore_index")))
-
-
-def _model_kwargs(ident: Dict[str, Any], cfg: Dict[str, Any]) -> Dict[str, Any]:
-    """The identity's model kwargs, with the run's ``deq.init`` (checkpoints written before the identity
-    recorded it lack the Skip DEQ predictor's setting)."""
-    from .base_trainer import model_deq_options
-
-    kwargs = dict(ident.get("model_kwargs") or {})
-    init = model_deq_options(cfg).get("init", "zeros")
-    if init != "zeros" and "init" not in dict(kwargs.get("deq") or {}):
-        kwargs["deq"] = {**dict(kwargs.get("deq") or {}), "init": init}
-    return kwargs
 
 
 def _read_file(path: Path) -> Optional[Any]:

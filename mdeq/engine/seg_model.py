@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Tuple
 
 import torch
 from torch import nn
@@ -29,7 +29,7 @@ def load_classification_backbone(model: nn.Module, state_dict: Mapping[str, torc
     raises, and so does weights sharing no backbone tensor with the model. Returns counts for the log.
     """
     own = model.state_dict()
-    backbone = [k for k in own if not k.startswith((SEG_HEAD + ".", "fullstage.initializer.", "fullstage.student."))]
+    backbone = [k for k in own if not k.startswith((SEG_HEAD + ".",) + model.addon_prefixes())]
     wrong = [f"{k}: {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in backbone
              if k in state_dict and state_dict[k].shape != own[k].shape]
     if wrong:
@@ -58,8 +58,7 @@ def _classification_state_dict(source: str) -> Tuple[Dict[str, torch.Tensor], st
     return timm.create_model(source, pretrained=True).state_dict(), f"timm {source}"
 
 
-def build_segmentation_model(model_cfg: Mapping[str, Any], num_classes: int,
-                             deq: Optional[Mapping[str, Any]] = None) -> Tuple[nn.Module, Dict[str, Any]]:
+def build_segmentation_model(model_cfg: Mapping[str, Any], num_classes: int) -> Tuple[nn.Module, Dict[str, Any]]:
     """The model of a ``model`` config (name, kwargs, pretrained, weights, backbone, freeze) and what was loaded.
 
     - ``pretrained``: a published segmentation tag (or true for the first) from the zoo catalog;
@@ -74,9 +73,7 @@ def build_segmentation_model(model_cfg: Mapping[str, Any], num_classes: int,
     sources = [k for k in ("pretrained", "weights", "backbone") if model_cfg.get(k)]
     if len(sources) > 1:
         raise ValueError(f"set at most one of model.pretrained, model.weights, model.backbone (got {sources})")
-    kwargs = dict(model_cfg.get("kwargs") or {})
-    if deq:  # settings the model needs when built (init='skip' adds the Skip DEQ predictor)
-        kwargs["deq"] = {**dict(kwargs.get("deq") or {}), **dict(deq)}
+    kwargs = dict(model_cfg.get("kwargs") or {})  # architecture fields (skip_init=true: the Skip DEQ predictor)
     info: Dict[str, Any] = dict(log=[], summary="random init")
     pretrained = model_cfg.get("pretrained")
     model = create_segmentation_model(name, num_classes=num_classes, pretrained=pretrained or False, **kwargs)
@@ -85,8 +82,8 @@ def build_segmentation_model(model_cfg: Mapping[str, Any], num_classes: int,
     elif model_cfg.get("weights"):
         path = model_cfg["weights"]
         sd = read_state_dict(path, prefer_ema=bool(model_cfg.get("ema_weights")))
-        fresh, _ = load_backbone_weights(model, sd, head_names=(SEG_CLASSIFIER, "fullstage.initializer",
-                                                                "fullstage.student"))
+        addons = tuple(p.rstrip(".") for p in model.addon_prefixes())
+        fresh, _ = load_backbone_weights(model, sd, head_names=(SEG_CLASSIFIER,) + addons)
         fresh = [k for k in fresh if k.startswith(SEG_CLASSIFIER + ".")]
         info["summary"] = f"segmentation weights {path}" + (f" (new {num_classes}-class classifier)" if fresh else "")
     elif model_cfg.get("backbone"):

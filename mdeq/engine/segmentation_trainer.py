@@ -1,7 +1,7 @@
 """Semantic segmentation training (``tools/train_seg.py``): ``SegmentationTrainer``.
 
 The loop, recipe, AMP, DDP (SyncBN under torchrun), EMA, checkpoints and resume are those of
-``base_trainer.Trainer``; this adds the segmentation parts: Cityscapes-layout or images/ + masks/ datasets
+``training_loop.Trainer``; this adds the segmentation parts: Cityscapes-layout or images/ + masks/ datasets
 with albumentations augmentation, an MDEQ segmentation model optionally initialised from ImageNet
 classification weights, cross-entropy with class weights / OHEM on logits upsampled to the labels, and
 evaluation by a dataset-level confusion matrix (mIoU, per-class IoU) with whole-image, sliding-window or
@@ -11,20 +11,20 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
-from ..data.cityscapes import (build_seg_eval_transform, build_seg_train_transform, build_segmentation_dataset,
-                               collate_same_size, colorize)
-from ..data.classification import SeededDataset
-from .base_trainer import Trainer, model_deq_options
+from ..data.factory import build_segmentation_datasets
+from ..data.loaders import SeededDataset
+from ..data.segmentation import build_seg_eval_transform, build_seg_train_transform, collate_same_size, colorize
 from .seg_inference import SegEvalResult, SegInference, evaluate_segmentation
 from .seg_loss import SegmentationLoss, resolve_class_weights
 from .seg_model import build_segmentation_model
+from .training_loop import Trainer
 
 __all__ = ["SegmentationTrainer", "build_inference"]
 
@@ -71,24 +71,13 @@ class SegmentationTrainer(Trainer):
 
     # ------------------------------------------------------------------ data and model
     def build_datasets(self):
-        d = self.cfg["data"]
-        kwargs = dict(classes=d.get("classes"), label_type=d.get("label_type", "auto"))
-        root = d.get("root")
-        if d["name"] == "synthetic":  # generated once; rank 0 writes, the others wait and read
-            if self.env.is_main:
-                build_segmentation_dataset("synthetic", root, d.get("train_split", "train"), **kwargs)
-            self.env.barrier()
-        train = build_segmentation_dataset(d["name"], root, d.get("train_split", "train"), **kwargs)
-        val = build_segmentation_dataset(d["name"], root, d.get("val_split", "val"), **kwargs)
-        if list(val.classes) != list(train.classes):
-            raise ValueError(f"the val split's classes {val.classes} differ from the train split's {train.classes}")
-        return train, val
+        return build_segmentation_datasets(self.cfg["data"], self.env)
 
     def build_model(self) -> nn.Module:
         model_cfg = dict(self.cfg["model"])
         if self.tcfg.get("resume"):  # the checkpoint holds the weights: no need to fetch the starting ones again
             model_cfg.update(pretrained=None, weights=None, backbone=None)
-        model, info = build_segmentation_model(model_cfg, self.num_classes, model_deq_options(self.cfg))
+        model, info = build_segmentation_model(model_cfg, self.num_classes)
         self.init_info = info
         for line in info.get("log", []):
             _log.info("%s", line)

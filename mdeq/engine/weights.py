@@ -8,8 +8,8 @@ from typing import Dict, List, Mapping, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ..models.convert import (StateDictMismatch, _describe_mismatch, _shapes, convert_official_state_dict,
-                              is_official_state_dict)
+from ..models.convert import (StateDictMismatch, convert_official_state_dict, describe_mismatch,
+                              is_official_state_dict, state_shapes)
 
 __all__ = ["read_state_dict", "state_dict_from", "load_backbone_weights", "FREEZE_GROUPS", "freeze_groups"]
 
@@ -65,8 +65,8 @@ def load_backbone_weights(model: nn.Module, state_dict: Mapping[str, torch.Tenso
     fresh = [k for k in head_keys if k not in state_dict or state_dict[k].shape != own[k].shape]
     skipped = [k for k in state_dict if k not in own and any(k.startswith(h + ".") for h in head_names)]
     body = {k: v for k, v in state_dict.items() if k not in fresh and k not in skipped}
-    expected = {k: v for k, v in _shapes(own).items() if k not in fresh}
-    mismatch = _describe_mismatch(expected, _shapes(body), limit=8)
+    expected = {k: v for k, v in state_shapes(own).items() if k not in fresh}
+    mismatch = describe_mismatch(expected, state_shapes(body), limit=8)
     if mismatch != "matches":
         raise StateDictMismatch(f"the weights do not fit this model (another architecture or preset?): {mismatch}")
     model.load_state_dict(body, strict=False)

@@ -1,4 +1,4 @@
-"""The MDEQ recipe schedule: phases, the official Jacobian-weight rule, frequency and f_thres randomisation."""
+"""The MDEQ training schedule: phases, the official Jacobian-weight rule, frequency and max_iter jitter."""
 import numpy as np
 import pytest
 import timm
@@ -14,7 +14,7 @@ def test_phases_and_official_weight_rule():
                     jac=JacobianSchedule(weight=2.5, freq=1.0, incremental=50, stop_epoch=7, pretrain_weight=0.03))
     assert s.plan(99, 0).phase == PRETRAIN and s.plan(100, 0).phase == DEQ_MODE
     assert s.plan(99, 0).jac_weight == pytest.approx(0.03)
-    assert s.plan(99, 0).f_thres == 5  # the unrolled depth
+    assert s.plan(99, 0).max_iter == 5  # the unrolled depth
     assert s.plan(100, 1).jac_weight == pytest.approx(2.5)
     assert s.plan(149, 1).jac_weight == pytest.approx(2.5)
     assert s.plan(150, 1).jac_weight == pytest.approx(2.6)  # +0.1 per `incremental` DEQ steps
@@ -22,26 +22,26 @@ def test_phases_and_official_weight_rule():
     assert s.plan(260, 7).jac_weight == 0.0 and not s.plan(260, 7).compute_jac  # stop epoch
 
 
-def test_frequency_and_rand_f_thres_delta_are_seeded():
-    s = DEQSchedule(pretrain_steps=0, deq=DEQ, rand_f_thres_delta=2, seed=1,
+def test_frequency_and_max_iter_jitter_are_seeded():
+    s = DEQSchedule(pretrain_steps=0, deq=DEQ, max_iter_jitter=2, seed=1,
                     jac=JacobianSchedule(weight=1.0, freq=0.25))
     plans = [s.plan(t, 0) for t in range(4000)]
     frac = np.mean([p.compute_jac for p in plans])
     assert abs(frac - 0.25) < 0.03
-    deltas = {p.f_thres - 14 for p in plans if p.compute_jac}
+    deltas = {p.max_iter - 14 for p in plans if p.compute_jac}
     assert deltas == {-2, -1, 0, 1}  # U{-delta..+1} on Jacobian steps
-    assert {p.f_thres for p in plans if not p.compute_jac} == {14}
-    again = DEQSchedule(pretrain_steps=0, deq=DEQ, rand_f_thres_delta=2, seed=1,
+    assert {p.max_iter for p in plans if not p.compute_jac} == {14}
+    again = DEQSchedule(pretrain_steps=0, deq=DEQ, max_iter_jitter=2, seed=1,
                         jac=JacobianSchedule(weight=1.0, freq=0.25))
     assert [again.plan(t, 0) for t in range(4000)] == plans  # same on every rank / after a resume
-    other = DEQSchedule(pretrain_steps=0, deq=DEQ, rand_f_thres_delta=2, seed=2,
+    other = DEQSchedule(pretrain_steps=0, deq=DEQ, max_iter_jitter=2, seed=2,
                         jac=JacobianSchedule(weight=1.0, freq=0.25))
     assert [other.plan(t, 0) for t in range(200)] != plans[:200]
 
 
 def test_apply_configures_the_model():
     model = timm.create_model("mdeq_tiny", num_classes=3)
-    s = DEQSchedule(pretrain_steps=10, unroll_steps=3, deq=DEQ, eval_f_thres=20,
+    s = DEQSchedule(pretrain_steps=10, unroll_steps=3, deq=DEQ, eval_max_iter=20,
                     jac=JacobianSchedule(weight=1.0, freq=1.0, probes=3))
     s.apply(model, s.plan(0, 0))
     assert model.deq.options["solver"] == "unroll" and model.deq.options["max_iter"] == 3

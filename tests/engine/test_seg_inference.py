@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from mdeq import create_segmentation_model
-from mdeq.data.classification import ShardSampler
+from mdeq.data.loaders import ShardSampler
 from mdeq.engine.distributed import DistEnv
 from mdeq.engine.seg_inference import SegInference, evaluate_segmentation, pad_to_multiple, slide_windows
 

@@ -13,8 +13,9 @@ ROOT = Path(__file__).resolve().parents[2]
 # and the Jacobian penalty on every DEQ step (no experiment: the base config plus these settings)
 FAST = [
     "~experiment", "data=imagefolder", "data.root={root}", "data.aug.scale=[0.85,1.0]", "data.aug.hflip=0.0", "data.batch_size=10", "data.eval_batch_size=15", "data.workers=0",
-    "deq.unroll_steps=2", "deq.f_thres=3", "deq.b_thres=3", "deq.pretrain_steps=6",
-    "data.overrides.input_size=16", "jac.weight=0.5", "jac.freq=1.0", "jac.pretrain_weight=0.0",
+    "schedule.unroll_steps=2", "deq.max_iter=3", "deq.b_max_iter=3", "schedule.pretrain_steps=6",
+    "data.overrides.input_size=16", "schedule.jac.weight=0.5", "schedule.jac.freq=1.0",
+    "schedule.jac.pretrain_weight=0.0",
     "train.precise_bn_batches=2", "train.epochs=2", "train.log_interval=1", "train.progress=false",
 ]
 

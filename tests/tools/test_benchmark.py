@@ -84,7 +84,7 @@ def test_budget_benchmark_trains_evaluates_and_reuses_runs(tmp_path, digits_smal
     method, the plot, and a second invocation that reuses the finished runs instead of training again."""
     tool = _load_tool()
     train = ["data.batch_size=10", "data.eval_batch_size=15", "data.workers=0", "train.precise_bn_batches=2",
-             "deq.f_thres=3", "deq.b_thres=3", "deq.unroll_steps=2", "skip:deq.init_weight=0.5"]
+             "deq.max_iter=3", "deq.b_max_iter=3", "schedule.unroll_steps=2", "skip:deq.init_weight=0.5"]
     args = ["budget", "--methods", "plain", "skip", "stack", "cdeq", "--evals", "1", "2", "--epochs", "3",
             "--jobs", "2", "--threads", "1", "--data-root", str(digits_small), "--distill-epochs", "1",
             "--distill-args", "--batch-size 10 --teacher-steps 4 --workers 0", "--out", str(tmp_path),
@@ -104,7 +104,7 @@ def test_budget_benchmark_trains_evaluates_and_reuses_runs(tmp_path, digits_smal
     # the scoped override reached Skip DEQ only; with --data-root the recipes are renamed and pre-train 2 epochs
     assert "deq.init_weight=0.5" in methods["skip"]["command"] and "init_weight" not in methods["plain"]["command"]
     assert "recipe=budget-digits_plain" in methods["plain"]["command"]
-    assert "deq.pretrain_steps=12" in methods["plain"]["command"]
+    assert "schedule.pretrain_steps=12" in methods["plain"]["command"]
     assert "pretrain_steps" not in methods["stack"]["command"]
     mem = {(r["mode"], r["max_iter"]) for r in result["memory"]["rows"]}
     assert mem == {("deq", 2), ("unroll", 2)}
@@ -130,10 +130,10 @@ def test_budget_benchmark_trains_evaluates_and_reuses_runs(tmp_path, digits_smal
     import shlex
     import sys
 
-    from mdeq.benchmarks import budget
+    from mdeq.benchmarks.budget.runs import recipe_changed
 
     cmd = [sys.executable] + shlex.split(methods["plain"]["command"])
-    assert not budget._recipe_changed(cmd, runs / "plain")
+    assert not recipe_changed(cmd, runs / "plain")
     saved = runs / "plain" / ".hydra" / "config.yaml"
-    saved.write_text(saved.read_text().replace("f_thres: 3", "f_thres: 4"))
-    assert budget._recipe_changed(cmd, runs / "plain")
+    saved.write_text(saved.read_text().replace("max_iter: 3", "max_iter: 4"))
+    assert recipe_changed(cmd, runs / "plain")

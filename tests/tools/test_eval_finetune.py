@@ -39,7 +39,7 @@ def test_eval_checkpoint_reproduces_training_eval_and_sweeps(trained_run, tmp_pa
     save_file({k: v.contiguous() for k, v in ck["model"].items()}, str(tmp_path / "w.safetensors"))
     out2 = tmp_path / "eval2"
     run_tool("eval_cls.py", [str(tmp_path / "w.safetensors"), "--model", "mdeq_tiny", "--data-root", data_root,
-                             "--solver", "anderson", "--f-thres", "3", "--tol", "1e-3", "--stop-mode", "rel",
+                             "--solver", "anderson", "--max-iter", "3", "--tol", "1e-3", "--stop-mode", "rel",
                              "--input-size", str(ck["data_cfg"]["input_size"][-1]), "--no-progress",
                              "--output", str(out2)], cwd=tmp_path)
     assert json.loads((out2 / "eval.json").read_text())["top1"] == pytest.approx(res["top1"], abs=1e-9)
@@ -74,7 +74,7 @@ def test_finetune_on_a_new_labelling_beats_chance(trained_run, parity_digits, tm
     out = tmp_path / "ft"
     proc = run_tool("finetune.py", [
         f"model.weights={source}", f"data.root={parity_digits}", "data.aug.scale=[0.85,1.0]", "data.aug.hflip=0.0", "data.batch_size=20", "data.workers=0",
-        "model.freeze=[stem,cell]", "optim.layer_decay=0.75", "optim.lr=2e-3", "deq.f_thres=4", "deq.b_thres=4",
+        "model.freeze=[stem,cell]", "optim.layer_decay=0.75", "optim.lr=2e-3", "deq.max_iter=4", "deq.b_max_iter=4",
         "train.epochs=3", "train.precise_bn_batches=5", "train.progress=false", "sched.warmup_epochs=0",
         f"hydra.run.dir={out}"], cwd=tmp_path)
     m = json.loads((out / "metrics.json").read_text())

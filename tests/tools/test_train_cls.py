@@ -16,16 +16,16 @@ from .conftest import ROOT, fast_overrides, run_tool
 def compose_config(overrides, config_name="train_cls"):
     from hydra import compose, initialize_config_dir
 
-    from mdeq.engine.app import plain_config, register_resolvers
+    from mdeq.engine.app import plain_config, register_configs
 
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "mdeq" / "configs"), version_base="1.3"):
         return plain_config(compose(config_name, overrides=overrides))
 
 
 def train_in_process(overrides, out: Path, config_name="train_cls"):
     from mdeq.engine.distributed import DistEnv
-    from mdeq.engine.trainer import ClassificationTrainer
+    from mdeq.engine.classification_trainer import ClassificationTrainer
 
     cfg = compose_config(list(overrides) + [f"output_dir={out}"], config_name)
     return ClassificationTrainer(cfg, DistEnv(), out).fit()
@@ -51,7 +51,7 @@ def test_outputs_metrics_and_report(trained_run):
         assert isinstance(m[key], float) and math.isfinite(m[key]), key
     assert 0.0 <= m["val_top1"] <= m["val_top5"] <= 100.0
     assert m["val_count"] == 30 and m["steps"] == 12 and m["epochs"] == 2 and m["phase"] == "deq"
-    assert m["deq_nstep_mean"] == 3.0  # f_thres: tol 1e-3 is out of reach in 3 steps, so every image uses all
+    assert m["deq_nstep_mean"] == 3.0  # max_iter: tol 1e-3 is out of reach in 3 steps, so every image uses all
     assert 0.0 < m["deq_rel_residual_mean"] < 1.0
     assert m["train_seconds"] > 0
     assert f"val top-1 {m['val_top1']:.2f}%" in proc.stdout and "metrics.json" in proc.stdout
@@ -77,7 +77,7 @@ def test_tensorboard_scalars_read_back(trained_run):
     assert [phase[t] for t in range(1, 13)] == [0.0] * 6 + [1.0] * 6  # 6 unrolled steps, then DEQ mode
     nstep = dict(s["deq/fwd/nstep"])
     assert all(nstep[t] == 2.0 for t in range(1, 7))  # unroll_steps
-    assert all(1.0 <= nstep[t] <= 3.0 for t in range(7, 13))  # f_thres
+    assert all(1.0 <= nstep[t] <= 3.0 for t in range(7, 13))  # max_iter
     assert min(step for step, _ in s["deq/jac_loss"]) == 7  # the penalty starts with DEQ mode (pretrain weight 0)
     assert all(1.0 <= v <= 3.0 for _, v in s["deq/bwd/nstep"])
     lr = [v for _, v in s["train/lr"]]
@@ -118,7 +118,7 @@ def test_training_features_run_together(digits_small, tmp_path):
         digits_small, "train.amp=true", "train.amp_dtype=bfloat16", "train.channels_last=true",
         "train.ema.enabled=true", "train.ema.decay=0.5", "train.mixup.mixup_alpha=0.2",
         "train.mixup.cutmix_alpha=1.0", "train.smoothing=0.1", "train.grad_accum_steps=2", "train.clip_grad=1.0",
-        "optim=sgd", "optim.lr=0.01", "train.epochs=1", "deq.pretrain_steps=1"), tmp_path)
+        "optim=sgd", "optim.lr=0.01", "train.epochs=1", "schedule.pretrain_steps=1"), tmp_path)
     assert m["steps"] == 3 and math.isfinite(m["val_loss"]) and "val_ema_top1" in m
     ck = load_checkpoint(tmp_path / "checkpoints" / "last.pth")
     w = "classifier.weight"

@@ -24,7 +24,7 @@ TINY_MODEL = "++model.kwargs={num_channels:[8,16,32,64],expansion_factor:2,num_g
 SEG_FAST = [
     "~experiment", "data.name=cityscapes", "data.root={root}", "data.batch_size=4", "data.eval_batch_size=2", "data.workers=0",
     "data.crop_size=[32,64]", TINY_MODEL, "optim=adam", "optim.lr=2e-3", "optim.weight_decay=0.0",
-    "deq.f_thres=3", "deq.b_thres=3", "deq.pretrain_steps=4", "train.epochs=2", "train.precise_bn_batches=1",
+    "deq.max_iter=3", "deq.b_max_iter=3", "schedule.pretrain_steps=4", "train.epochs=2", "train.precise_bn_batches=1",
     "train.log_interval=1", "train.progress=false", "train.log_images=2",
 ]
 
@@ -96,7 +96,7 @@ def test_eval_seg_reproduces_training_and_sliding_window_and_writes_server_pngs(
     written = sorted(preds.rglob("*.png"))
     assert [p.relative_to(preds).as_posix() for p in written] == [
         p.relative_to(street / "leftImg8bit" / "val").as_posix() for p in images]
-    from mdeq.data.cityscapes import label_id_to_train_id
+    from mdeq.data.cityscapes_labels import label_id_to_train_id
 
     label = np.asarray(Image.open(written[0]))
     assert label.shape == (64, 128) and label.dtype == np.uint8
@@ -117,7 +117,7 @@ def test_official_cityscapes_checkpoint_evaluates_through_eval_seg(street, tmp_p
     official = {"model." + k: v for k, v in to_official_state_dict(model.state_dict()).items()}
     torch.save(official, tmp_path / "MDEQ_Small_Seg.pkl")
     out = _eval(tmp_path / "MDEQ_Small_Seg.pkl", tmp_path / "official", "--dataset", "cityscapes", "--data-root",
-                str(street), "--f-thres", "2", "--tol", "0")
+                str(street), "--max-iter", "2", "--tol", "0")
     res = json.loads((out / "eval.json").read_text())
     assert res["arch"] == "mdeq_small" and res["images"] == 4 and res["solver"]["max_iter"] == 2
     assert 1.0 <= res["deq_nstep_mean"] <= 2.0  # the step of the lowest residual (random weights: not contractive)
@@ -128,7 +128,7 @@ def test_official_cityscapes_checkpoint_evaluates_through_eval_seg(street, tmp_p
 @pytest.mark.slow
 def test_sigkill_then_resume_matches_an_uninterrupted_run(street, tmp_path):
     overrides = seg_overrides(street, "train.checkpoint_interval=1", "train.ema.enabled=true",
-                              "train.ema.decay=0.9", "model.kwargs.dropout=0.1", "jac.weight=0.5", "jac.freq=0.5")
+                              "train.ema.decay=0.9", "model.kwargs.dropout=0.1", "schedule.jac.weight=0.5", "schedule.jac.freq=0.5")
     ref_dir, killed_dir = tmp_path / "ref", tmp_path / "killed"
     run_tool("train_seg.py", overrides + [f"hydra.run.dir={ref_dir}"], cwd=tmp_path)
     ckpt = killed_dir / "checkpoints" / "last.pth"
@@ -188,7 +188,7 @@ def test_a_few_hundred_steps_on_generated_shapes_learn_well_above_chance(tmp_pat
 
     root = make_synthetic_cityscapes(tmp_path / "data", splits={"train": 32, "val": 8}, size=(64, 128), seed=11)
     out = tmp_path / "run"
-    run_tool("train_seg.py", seg_overrides(root, "train.epochs=25", "deq.pretrain_steps=80", "train.log_images=0",
+    run_tool("train_seg.py", seg_overrides(root, "train.epochs=25", "schedule.pretrain_steps=80", "train.log_images=0",
                                            "train.val_interval=25", f"hydra.run.dir={out}"), cwd=tmp_path)
     m = json.loads((out / "metrics.json").read_text())
     assert m["steps"] == 200

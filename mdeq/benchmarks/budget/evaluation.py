@@ -1,0 +1,60 @@
+"""Evaluating one method of the budget benchmark: top-1 with exactly k f-evaluations per forward (the
+solver's declared fixed budget, ``mdeq.core.budget_options``), and at convergence."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Optional, Sequence
+
+from ...core import budget_options, solver_spec
+from ...data.classification import build_transform, resolve_data_cfg
+from ...data.factory import build_classification_split
+from ...data.loaders import build_eval_loader
+from ...engine.distributed import DistEnv
+from ...engine.evaluate import evaluate_classifier
+from ...engine.rebuild import model_from_checkpoint
+
+__all__ = ["DEFAULT_EVALS", "CONVERGE_MAX_ITER", "CONVERGE_TOL", "evaluate_method"]
+
+DEFAULT_EVALS = (1, 2, 4, 8, 16)
+CONVERGE_MAX_ITER, CONVERGE_TOL = 50, 1e-4
+
+
+def _val_loader(loaded, batch_size: Optional[int] = None):
+    """The run's val split with its eval transforms (as tools/eval_cls.py builds it for a training checkpoint)."""
+    data = loaded.config["data"]
+    data_cfg = resolve_data_cfg(loaded.model, loaded.data_cfg)
+    dataset = build_classification_split(data, data.get("val_split", "val"), transform=build_transform(data_cfg, False),
+                                         classes=loaded.classes)
+    batch = batch_size or data.get("eval_batch_size") or data["batch_size"]
+    return build_eval_loader(dataset, int(batch), workers=0), data_cfg
+
+
+def evaluate_method(checkpoint: Path, evals: Sequence[int] = DEFAULT_EVALS, env=None) -> Dict:
+    """Top-1 of one checkpoint at each f-evaluation budget and at convergence."""
+    env = env or DistEnv()
+    loaded = model_from_checkpoint(checkpoint)  # in the run's evaluation settings
+    model = loaded.model.to(env.device).eval()
+    base = dict(model.deq.options)
+    loader, data_cfg = _val_loader(loaded)
+    rows = []
+    for k in evals:
+        model.configure_deq(**{**base, **budget_options(base, int(k))})
+        res = evaluate_classifier(model, loader, env, progress=False)
+        nfe = int(model.deq_stats.nfe)
+        rows.append(dict(evals=int(k), nfe=nfe, exact=nfe == int(k), top1=round(res.top1, 2), top5=round(res.top5, 2),
+                         solver=model.deq.options["solver"]))
+    spec = solver_spec(base["solver"])
+    if spec.differentiable or spec.needs:  # the stack at its own depth; C-DEQ's student at its own steps
+        conv_options = dict(base)
+    else:
+        conv_options = {**base, "max_iter": CONVERGE_MAX_ITER, "tol": CONVERGE_TOL, "final_step": True}
+    model.configure_deq(**conv_options)
+    res = evaluate_classifier(model, loader, env, progress=False)
+    extra = 1 if conv_options.get("init") == "skip_reg" and not spec.differentiable else 0  # z0 = f(0)
+    converged = dict(top1=round(res.top1, 2), top5=round(res.top5, 2), deq_nstep_mean=round(res.deq_nstep_mean, 2),
+                     fevals_mean=round(res.deq_nstep_mean + extra, 2), rel_residual_mean=res.deq_rel_residual_mean,
+                     nfe_last_batch=int(model.deq_stats.nfe), solver=conv_options["solver"],
+                     max_iter=int(conv_options["max_iter"]), tol=conv_options["tol"])
+    return dict(budgets=rows, converged=converged, val_images=res.count, base_solver=base["solver"],
+                input_size=list(data_cfg["input_size"]), batch_size=int(loaded.config["data"]["batch_size"]),
+                data=loaded.config["data"].get("name"))

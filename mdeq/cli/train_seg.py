@@ -1,0 +1,15 @@
+"""Train an MDEQ semantic segmentation model (Hydra app; mdeq/configs/train_seg.yaml).
+
+    python tools/train_seg.py                                     # mdeq_small on generated street scenes
+    python tools/train_seg.py experiment=cityscapes_small data.root=/data/cityscapes
+    torchrun --nproc_per_node=4 tools/train_seg.py experiment=cityscapes_small data.root=/data/cityscapes
+    python tools/train_seg.py ~experiment data=seg_folder data.root=/data/mine model.weights=best.pth
+    python tools/train_seg.py train.resume=outputs/train_seg/<run>/checkpoints/last.pth
+"""
+from mdeq.cli.common import hydra_tool
+from mdeq.engine.app import run_segmentation
+
+main = hydra_tool("train_seg", run_segmentation)
+
+if __name__ == "__main__":
+    main()

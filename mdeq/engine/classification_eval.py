@@ -1,0 +1,89 @@
+"""The classification evaluation job behind ``eval_cls``: a model from what the user points at, its val split,
+top-1/top-5 with the solver's steps and residual, optionally at several solver budgets; ``eval.json`` and the
+sweep's table and plot in the output folder."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
+
+import torch
+
+from ..data.classification import build_transform, resolve_data_cfg
+from ..data.factory import CLASSIFICATION_BUILTINS, build_classification_split
+from ..data.loaders import build_eval_loader
+from .amp import amp_dtype
+from .distributed import DistEnv
+from .evaluate import evaluate_classifier, sweep_solver_budgets, write_sweep
+from .model_source import load_model_for_eval
+
+__all__ = ["evaluate_classification_source"]
+
+
+def evaluate_classification_source(source: str, env: DistEnv, output_dir: Path, data_root: Optional[str] = None,
+                                   split: str = "val", model_name: Optional[str] = None,
+                                   num_classes: Optional[int] = None, use_ema: bool = False,
+                                   solver_changes: Optional[Mapping[str, Any]] = None, batch_size: int = 64,
+                                   workers: int = 2, amp: Optional[str] = None, channels_last: bool = False,
+                                   input_size: Optional[int] = None, crop_pct: Optional[float] = None,
+                                   sweep_iters: Optional[Sequence[int]] = None, progress: bool = True,
+                                   say: Callable[..., None] = print) -> Dict[str, Any]:
+    """Evaluate ``source`` (a training checkpoint, a weights file, or a timm name with a tag); see ``eval_cls``.
+
+    A training checkpoint brings its evaluation settings, classes, data config and data (``data_root``
+    overrides its root); ``solver_changes`` (``configure_deq`` keywords) apply on top. Writes ``eval.json``
+    (and ``sweep.csv/json/png`` with ``sweep_iters``) to ``output_dir`` on the main process; returns the result.
+    """
+    loaded = load_model_for_eval(source, model_name, num_classes, use_ema)
+    model = loaded.model.to(env.device).eval()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if solver_changes:
+        model.configure_deq(**solver_changes)
+
+    data = dict((loaded.config or {}).get("data") or {})
+    if data_root is not None:  # the user's ImageFolder, whatever the run trained on
+        data.update(name="imagefolder", root=data_root)
+    elif not data.get("root") and data.get("name") not in CLASSIFICATION_BUILTINS:
+        raise SystemExit("--data-root is required: an ImageFolder root with a val/<class>/ split")
+    # the run's training data config (else the model's pretrained cfg), then the command line's overrides
+    data_cfg = resolve_data_cfg(model, {**(loaded.data_cfg or {}), "input_size": input_size, "crop_pct": crop_pct})
+    dataset = build_classification_split(data, split, transform=build_transform(data_cfg, False),
+                                         classes=loaded.classes, env=env)
+    n_out = getattr(model, "num_classes", None)
+    if n_out is not None and len(dataset.classes) > n_out:
+        raise SystemExit(f"the val set has {len(dataset.classes)} classes but the model predicts {n_out}")
+    loader = build_eval_loader(dataset, batch_size, env.world_size, env.rank, workers)
+    kw = dict(amp_dtype=amp_dtype(bool(amp), amp, "--amp"), channels_last=channels_last, progress=progress)
+
+    output_dir = Path(output_dir)
+    if env.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    res = evaluate_classifier(model, loader, env, **kw)
+    result = dict(source=source, description=loaded.description, arch=loaded.arch, split=split,
+                  data_root=str(dataset.folder.parent), images=res.count, top1=res.top1, top5=res.top5,
+                  loss=res.loss, deq_nstep_mean=res.deq_nstep_mean, deq_rel_residual_mean=res.deq_rel_residual_mean,
+                  deq_abs_residual_mean=res.deq_abs_residual_mean, solver=jsonable(model.deq.options),
+                  input_size=list(data_cfg["input_size"]), crop_pct=data_cfg.get("crop_pct"))
+    say(f"{loaded.description}: top-1 {res.top1:.2f}%  top-5 {res.top5:.2f}%  on {res.count} images; "
+        f"{res.deq_nstep_mean:.1f} solver steps/image, relative residual {res.deq_rel_residual_mean:.3g}")
+    if sweep_iters:
+        base = dict(model.deq.options)
+        rows = sweep_solver_budgets(model, loader, env, sweep_iters, lambda k: model.configure_deq(max_iter=k), **kw)
+        model.configure_deq(max_iter=base["max_iter"])
+        result["sweep"] = rows
+        if env.is_main:
+            write_sweep(rows, output_dir, f"{loaded.arch} ({base['solver']})")
+        say("max_iter  top-1   top-5   steps  rel.residual")
+        for r in rows:
+            say(f"{r['max_iter']:8d}  {r['top1']:6.2f}  {r['top5']:6.2f}  {r['deq_nstep_mean']:5.1f}  "
+                f"{r['deq_rel_residual_mean']:.3g}")
+    if env.is_main:
+        (output_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    say(f"results: {output_dir / 'eval.json'}" + (f", {output_dir / 'sweep.png'}" if sweep_iters else ""))
+    return result
+
+
+def jsonable(d: Mapping[str, Any]) -> Dict[str, Any]:
+    """A settings dict with every value JSON can hold (others as strings)."""
+    return {k: (v if isinstance(v, (int, float, str, bool, type(None), dict, list)) else str(v)) for k, v in d.items()}

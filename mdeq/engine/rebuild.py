@@ -1,0 +1,98 @@
+"""One function turns a training checkpoint into its model: ``model_from_checkpoint``.
+
+Every tool, benchmark and test that needs a checkpoint's model uses it. The checkpoint is enough: its identity
+says what the model is (architecture, classes, architecture kwargs such as ``skip_init`` or ``student``, task),
+its weights load strictly, and its config's DEQ settings and training schedule configure the model as the
+run evaluated it (DEQ mode, or unrolled if the run never left pre-training). Checkpoints of older formats are
+upgraded on load (``legacy.upgrade_checkpoint``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Union
+
+import timm
+from torch import nn
+
+from ..models import create_segmentation_model
+from .checkpoint import CheckpointError, load_checkpoint
+from .deq_schedule import DEQSchedule, build_schedule
+
+__all__ = ["LoadedModel", "model_from_checkpoint", "TASK_BUILDERS", "is_training_checkpoint"]
+
+# task -> build(arch, num_classes, **model_kwargs)
+TASK_BUILDERS: Dict[str, Callable[..., nn.Module]] = {
+    "classification": lambda arch, num_classes, **kw: timm.create_model(arch, num_classes=num_classes, **kw),
+    "segmentation": lambda arch, num_classes, **kw: create_segmentation_model(arch, num_classes=num_classes, **kw),
+}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for ``eval()``, with what its source says about data and solver settings."""
+
+    model: nn.Module
+    arch: str
+    description: str
+    classes: Optional[List[str]] = None          # class names in index order (training checkpoints)
+    data_cfg: Optional[Dict[str, Any]] = None    # the transforms' data config used in training
+    config: Optional[Dict[str, Any]] = None      # the training run's config
+    schedule: Optional[DEQSchedule] = None
+    step: int = 0
+    task: str = "classification"
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+def is_training_checkpoint(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and "identity" in obj and "model" in obj
+
+
+def model_from_checkpoint(source: Union[str, Path, Mapping[str, Any]], use_ema: bool = False,
+                          arch_overrides: Optional[Mapping[str, Any]] = None,
+                          where: Optional[str] = None) -> LoadedModel:
+    """The model of a training checkpoint (a path or the loaded dict), with its weights and the run's
+    evaluation settings (``schedule.apply_eval`` at the checkpoint's step).
+
+    ``use_ema`` takes the EMA weights. ``arch_overrides`` change architecture fields, e.g. ``student=True`` to
+    distil into the model: weights the checkpoint lacks may then only be the model's add-ons
+    (``addon_prefixes``), which keep their init; anything else missing, unexpected or mis-shaped is an error.
+    ``where`` names a loaded dict's file in messages.
+    """
+    path = where or ("the checkpoint" if isinstance(source, Mapping) else str(source))
+    ckpt = source if isinstance(source, Mapping) else load_checkpoint(source)
+    if not is_training_checkpoint(ckpt):
+        raise CheckpointError(f"{path} is not a training checkpoint of this package (it has no identity and model "
+                              f"entries)")
+    ident, cfg = ckpt["identity"], ckpt["config"]
+    task = ident.get("task", "classification")
+    if task not in TASK_BUILDERS:
+        raise CheckpointError(f"{path}: unknown task {task!r}; known: {sorted(TASK_BUILDERS)}")
+    kwargs = {**dict(ident.get("model_kwargs") or {}), **dict(arch_overrides or {})}
+    model = TASK_BUILDERS[task](ident["arch"], ident["num_classes"], **kwargs)
+    weights = ckpt["model"]
+    if use_ema:
+        if ckpt.get("model_ema") is None:
+            raise CheckpointError(f"{path} has no EMA weights (the run had train.ema.enabled=false)")
+        weights = ckpt["model_ema"]
+    _load(model, weights, allow_missing=tuple(getattr(model, "addon_prefixes", lambda: ())()) if arch_overrides
+          else (), where=path)
+    schedule = build_schedule(cfg, model)
+    step = int(ckpt["progress"]["step"])
+    schedule.apply_eval(model, step)
+    return LoadedModel(model=model, arch=ident["arch"], description=f"training checkpoint {path} (step {step})",
+                       classes=ckpt.get("classes"), data_cfg=ckpt.get("data_cfg"), config=cfg, schedule=schedule,
+                       step=step, task=task,
+                       extra=dict(palette=ckpt.get("palette"), ignore_index=ckpt.get("ignore_index")))
+
+
+def _load(model: nn.Module, weights: Mapping[str, Any], allow_missing: tuple, where: str) -> None:
+    own = model.state_dict()
+    wrong = [k for k, v in weights.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    missing = [k for k in own if k not in weights and not k.startswith(allow_missing)
+               and not k.endswith("num_batches_tracked")]  # frozen BatchNorm (model.freeze) has no step counter
+    unexpected = [k for k in weights if k not in own]
+    if missing or unexpected or wrong:
+        raise CheckpointError(f"the weights of {where} do not fit the model its identity describes: missing "
+                              f"{missing[:5]}, unexpected {unexpected[:5]}, other shapes {wrong[:5]}")
+    model.load_state_dict(weights, strict=False)

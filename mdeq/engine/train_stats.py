@@ -1,0 +1,51 @@
+"""Running means of a training window (loss, throughput, solver statistics) for TensorBoard."""
+from __future__ import annotations
+
+import time
+from typing import Dict, Optional
+
+from ..core import SolverStats
+
+__all__ = ["StatsWindow"]
+
+
+class StatsWindow:
+    """Sums over the steps since the last log point; ``scalars`` turns them into the logged means."""
+
+    def __init__(self):
+        self.t = time.perf_counter()
+        self.loss = 0.0
+        self.n = 0
+        self.samples = 0
+        self.nstep = self.rel = self.bnstep = self.jac = 0.0
+        self.bn = self.jn = 0
+        self.last_loss = 0.0
+
+    def add(self, loss: float, samples: int, stats: Optional[SolverStats]) -> None:
+        """One optimizer step: its loss, the samples it saw and the forward's solver statistics."""
+        self.loss += loss
+        self.n += 1
+        self.samples += samples
+        if stats is None:
+            return
+        self.nstep += stats.nstep.float().mean().item()
+        self.rel += stats.rel_residual.float().mean().item()
+        if stats.backward is not None:
+            self.bnstep += stats.backward.nstep.float().mean().item()
+            self.bn += 1
+        if stats.jac_loss is not None:
+            self.jac += float(stats.jac_loss.detach())
+            self.jn += 1
+
+    def deq_scalars(self) -> Dict[str, float]:
+        """``deq/fwd/nstep``, ``deq/fwd/rel_residual`` and, when measured, ``deq/bwd/nstep``, ``deq/jac_loss``."""
+        k = max(self.n, 1)
+        out = {"deq/fwd/nstep": self.nstep / k, "deq/fwd/rel_residual": self.rel / k}
+        if self.bn:
+            out["deq/bwd/nstep"] = self.bnstep / self.bn
+        if self.jn:
+            out["deq/jac_loss"] = self.jac / self.jn
+        return out
+
+    def seconds(self) -> float:
+        return max(time.perf_counter() - self.t, 1e-9)
