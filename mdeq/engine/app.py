@@ -68,7 +68,7 @@ def run_classification(cfg: DictConfig, require_start_weights: bool = False) -> 
     if str(config.get("recipe") or "").startswith("digits_") and config["data"].get("name") != "digits":
         raise SystemExit(
             f"experiment={config['recipe']} is a recipe for the bundled digits and would be applied to "
-            f"data={config['data'].get('name')}; choose an experiment for your data (configs/experiment/, e.g. "
+            f"data={config['data'].get('name')}; choose an experiment for your data (mdeq/configs/experiment/, e.g. "
             "experiment=imagenet_small) or ~experiment and set model=, deq=, schedule.*, optim=, train.* yourself")
     if require_start_weights and not (model.get("weights") or model.get("pretrained") or train.get("resume")):
         raise SystemExit("fine-tuning needs starting weights: model.weights=<file> (a checkpoint, safetensors or an "
@@ -93,7 +93,7 @@ def run_segmentation(cfg: DictConfig) -> Dict[str, Any]:
     if config.get("recipe") == "synthetic_seg" and config["data"].get("name") != "synthetic":
         raise SystemExit(
             "experiment=synthetic_seg (the default) is the recipe of the bundled generated data and would be applied "
-            f"to data={config['data'].get('name')}; choose an experiment (configs/experiment/, e.g. "
+            f"to data={config['data'].get('name')}; choose an experiment (mdeq/configs/experiment/, e.g. "
             "experiment=cityscapes_small) or ~experiment and set model=, deq=, schedule.*, optim=, loss=, train.* "
             "yourself")
     env = init_distributed(config["train"]["device"])
