@@ -1,6 +1,7 @@
 """Benchmarks of mdeq-zoo (solvers, models, train, seg, budget).
 
-The program is ``mdeq.cli.benchmark`` (``python -m mdeq.cli.benchmark --help``); this file runs it from a checkout.
+The program is ``mdeq.cli.benchmark`` (``python -m mdeq.cli.benchmark --help``); this file runs it from a
+checkout.
 """
 import os
 import sys

@@ -1,6 +1,7 @@
 """Convert a released MDEQ checkpoint (locuslab/mdeq or locuslab/deq, .pkl/.pth) to safetensors for mdeq-zoo.
 
-The program is ``mdeq.cli.convert_official`` (``python -m mdeq.cli.convert_official --help``); this file runs it from a checkout.
+The program is ``mdeq.cli.convert_official`` (``python -m mdeq.cli.convert_official --help``); this file runs it from a
+checkout.
 """
 import os
 import sys

@@ -1,6 +1,7 @@
 """Consistency distillation (C-DEQ) of a trained MDEQ classifier: a student that needs 1-4 f-evaluations.
 
-The program is ``mdeq.cli.distill`` (``python -m mdeq.cli.distill --help``); this file runs it from a checkout.
+The program is ``mdeq.cli.distill`` (``python -m mdeq.cli.distill --help``); this file runs it from a
+checkout.
 """
 import os
 import sys

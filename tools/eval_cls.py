@@ -1,6 +1,7 @@
 """Evaluate an MDEQ classifier on an ImageFolder val set: top-1/top-5, solver steps and residual.
 
-The program is ``mdeq.cli.eval_cls`` (``python -m mdeq.cli.eval_cls --help``); this file runs it from a checkout.
+The program is ``mdeq.cli.eval_cls`` (``python -m mdeq.cli.eval_cls --help``); this file runs it from a
+checkout.
 """
 import os
 import sys

@@ -1,6 +1,7 @@
 """Evaluate an MDEQ segmentation model: dataset-level confusion matrix, mIoU and per-class IoU, solver steps.
 
-The program is ``mdeq.cli.eval_seg`` (``python -m mdeq.cli.eval_seg --help``); this file runs it from a checkout.
+The program is ``mdeq.cli.eval_seg`` (``python -m mdeq.cli.eval_seg --help``); this file runs it from a
+checkout.
 """
 import os
 import sys

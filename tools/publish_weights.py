@@ -1,6 +1,7 @@
 """Publish trained weights: a Hub-style folder, a catalog entry and the regenerated MODEL_CARDS.md.
 
-The program is ``mdeq.cli.publish_weights`` (``python -m mdeq.cli.publish_weights --help``); this file runs it from a checkout.
+The program is ``mdeq.cli.publish_weights`` (``python -m mdeq.cli.publish_weights --help``); this file runs it from a
+checkout.
 """
 import os
 import sys

@@ -52,8 +52,8 @@ def distill_classifier(checkpoint: str, output_dir: Path, env: DistEnv, data_roo
     torch.manual_seed(seed)
     # the teacher with a student added (the teacher's weights loaded, the student at its init) in the teacher's
     # own DEQ settings, for the comparison below; eval mode: BatchNorm statistics stay the teacher's
-    loaded = model_from_checkpoint(ckpt, arch_overrides=dict(student=True, student_kernel_size=int(student_kernel_size)),
-                                   where=str(checkpoint))
+    student_arch = dict(student=True, student_kernel_size=int(student_kernel_size))
+    loaded = model_from_checkpoint(ckpt, arch_overrides=student_arch, where=str(checkpoint))
     model, schedule, step = loaded.model.to(env.device).eval(), loaded.schedule, loaded.step
     teacher_options = dict(model.deq.options)
     stage = model.fullstage

@@ -144,9 +144,11 @@ CLS_PRESETS: Dict[str, MDEQConfig] = {
         head_channels=(14, 28, 56, 112), final_chansize=1680, num_layers=10, deq=official_solver(18, 20, "rel")),
     # ImageNet (224x224, two stride-2 stem convs)
     "mdeq_small": MDEQConfig(
-        num_channels=(32, 64, 128, 256), head_channels=(24, 48, 96, 192), num_layers=5, deq=official_solver(26, 27, "abs")),
+        num_channels=(32, 64, 128, 256), head_channels=(24, 48, 96, 192), num_layers=5,
+        deq=official_solver(26, 27, "abs")),
     "mdeq_large": MDEQConfig(
-        num_channels=(80, 160, 320, 640), head_channels=(32, 64, 128, 256), num_layers=4, deq=official_solver(26, 27, "abs")),
+        num_channels=(80, 160, 320, 640), head_channels=(32, 64, 128, 256), num_layers=4,
+        deq=official_solver(26, 27, "abs")),
     "mdeq_xl": MDEQConfig(
         num_channels=(88, 176, 352, 704), expansion_factor=6, head_channels=(32, 64, 128, 256), num_layers=4,
         deq=official_solver(26, 27, "abs")),

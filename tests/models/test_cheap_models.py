@@ -75,7 +75,8 @@ def test_consistency_student_is_part_of_the_model_and_untrained_it_is_one_teache
 
 
 @pytest.mark.parametrize("arch, deq", [({}, dict(solver="anderson")), ({}, dict(solver="broyden")),
-                                       ({}, dict(solver="fixed_point")), (dict(skip_init=True), dict(solver="anderson")),
+                                       ({}, dict(solver="fixed_point")),
+                                       (dict(skip_init=True), dict(solver="anderson")),
                                        ({}, dict(solver="anderson", init="skip_reg")), ({}, dict(solver="ode")),
                                        (dict(student=True), dict(solver="consistency")), ({}, dict(solver="unroll"))])
 def test_budget_options_spend_exactly_k_f_evaluations(arch, deq, x):

@@ -11,7 +11,8 @@ from .conftest import fast_overrides, run_tool
 @pytest.mark.slow
 def test_distill_then_eval_cls_uses_the_consistency_solver(digits_small, tmp_path):
     teacher = tmp_path / "teacher"
-    run_tool("train_cls.py", fast_overrides(digits_small, "schedule.jac.weight=0.0", "schedule.jac.freq=0.0", f"hydra.run.dir={teacher}"),
+    run_tool("train_cls.py", fast_overrides(digits_small, "schedule.jac.weight=0.0", "schedule.jac.freq=0.0",
+                                            f"hydra.run.dir={teacher}"),
              cwd=tmp_path)
     out = tmp_path / "distill"
     proc = run_tool("distill.py", [str(teacher / "checkpoints" / "last.pth"), "--data-root", str(digits_small),

@@ -15,7 +15,8 @@ from mdeq.engine.checkpoint import load_checkpoint
 from .conftest import ROOT, fast_overrides, run_tool, tool_env
 
 RESUME_OPTS = ["train.checkpoint_interval=1", "train.ema.enabled=true", "train.ema.decay=0.9",
-               "schedule.pretrain_steps=4", "schedule.jac.freq=0.5", "schedule.jac.pretrain_weight=0.1", "+model.kwargs.dropout=0.1"]
+               "schedule.pretrain_steps=4", "schedule.jac.freq=0.5", "schedule.jac.pretrain_weight=0.1",
+               "+model.kwargs.dropout=0.1"]
 
 
 def _step_of(path: Path) -> int:

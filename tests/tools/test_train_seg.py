@@ -128,7 +128,8 @@ def test_official_cityscapes_checkpoint_evaluates_through_eval_seg(street, tmp_p
 @pytest.mark.slow
 def test_sigkill_then_resume_matches_an_uninterrupted_run(street, tmp_path):
     overrides = seg_overrides(street, "train.checkpoint_interval=1", "train.ema.enabled=true",
-                              "train.ema.decay=0.9", "model.kwargs.dropout=0.1", "schedule.jac.weight=0.5", "schedule.jac.freq=0.5")
+                              "train.ema.decay=0.9", "model.kwargs.dropout=0.1", "schedule.jac.weight=0.5",
+                              "schedule.jac.freq=0.5")
     ref_dir, killed_dir = tmp_path / "ref", tmp_path / "killed"
     run_tool("train_seg.py", overrides + [f"hydra.run.dir={ref_dir}"], cwd=tmp_path)
     ckpt = killed_dir / "checkpoints" / "last.pth"
