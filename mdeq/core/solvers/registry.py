@@ -83,7 +83,6 @@ class SolverSpec:
         return out
 
 
-
 _REGISTRY: Dict[str, SolverSpec] = {}
 _PUBLIC: Dict[str, Callable] = {}  # name -> the public (validating) function
 
