@@ -8,7 +8,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, TypeVar
+from typing import Any, Callable, Dict, Optional, Sequence, TypeVar
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -19,7 +19,8 @@ from mdeq.engine.app import register_configs  # noqa: E402
 from mdeq.engine.distributed import DistEnv, broadcast_object, init_distributed, shutdown_distributed  # noqa: E402
 from mdeq.engine.legacy import check_overrides  # noqa: E402
 
-__all__ = ["hydra_tool", "run_distributed", "output_folder", "add_solver_flags", "solver_changes"]
+__all__ = ["hydra_tool", "exit_code_main", "add_job_flags", "run_distributed", "output_folder",
+           "add_solver_flags", "solver_changes"]
 
 T = TypeVar("T")
 
@@ -39,6 +40,25 @@ def hydra_tool(config_name: str, job: Callable[[Any], Any]) -> Callable[[], None
         app()
 
     return main
+
+
+def exit_code_main(run: Callable[[Optional[Sequence[str]]], Any]) -> Callable[..., int]:
+    """The ``main(argv) -> 0`` (a console script's entry) of a program whose ``run(argv)`` returns its results."""
+
+    def main(argv: Optional[Sequence[str]] = None) -> int:
+        run(argv)
+        return 0
+
+    return main
+
+
+def add_job_flags(parser: argparse.ArgumentParser, tool: str, writes: str) -> None:
+    """``--workers``, ``--device``, ``--output`` (default ``outputs/<tool>/<time>``, for ``writes``) and
+    ``--no-progress``: the flags of every job that loads data, may run under torchrun and writes a folder."""
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--output", help=f"folder for {writes} (default: outputs/{tool}/<time>)")
+    parser.add_argument("--no-progress", action="store_true")
 
 
 def run_distributed(device: str, job: Callable[[DistEnv], T]) -> T:

@@ -12,19 +12,16 @@ import argparse
 import logging
 import sys
 
-from mdeq.cli.common import output_folder, run_distributed
-from mdeq.core import list_solvers, solver_spec
+from mdeq.cli.common import add_job_flags, exit_code_main, output_folder, run_distributed
+from mdeq.core.solvers import root_solvers
 from mdeq.engine.distill import distill_classifier
-
-# solvers that can produce a teacher trajectory: not differentiable, needing nothing at call time
-ROOT_SOLVERS = [s for s in list_solvers() if not (solver_spec(s).differentiable or solver_spec(s).needs)]
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("checkpoint", help="a train_cls checkpoint (the frozen teacher)")
     p.add_argument("--data-root", help="the ImageFolder root it was trained on (default: the run's)")
-    p.add_argument("--teacher-solver", default="anderson", choices=ROOT_SOLVERS,
+    p.add_argument("--teacher-solver", default="anderson", choices=root_solvers(),
                    help="solver whose trajectory the student learns (default anderson, as the paper)")
     p.add_argument("--teacher-steps", type=int, default=16, help="trajectory length K (default 16)")
     p.add_argument("--epochs", type=int, default=10)
@@ -38,10 +35,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-iters", type=int, nargs="+", default=[1, 2, 4],
                    help="student steps to evaluate; the smallest becomes the checkpoint's default")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--output", help="output folder (default: outputs/distill/<time>)")
-    p.add_argument("--no-progress", action="store_true")
+    add_job_flags(p, "distill", "distilled.pth / metrics.json")
     return p.parse_args(argv)
 
 
@@ -76,9 +70,7 @@ def run(argv=None) -> dict:
     return m
 
 
-def main(argv=None) -> int:
-    run(argv)
-    return 0
+main = exit_code_main(run)
 
 
 if __name__ == "__main__":

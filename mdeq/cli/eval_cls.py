@@ -14,7 +14,8 @@ The work is ``mdeq.engine.classification_eval.evaluate_classification_source``.
 import argparse
 import sys
 
-from mdeq.cli.common import add_solver_flags, output_folder, run_distributed, solver_changes
+from mdeq.cli.common import (add_job_flags, add_solver_flags, exit_code_main, output_folder, run_distributed,
+                             solver_changes)
 from mdeq.engine.classification_eval import evaluate_classification_source
 
 
@@ -27,16 +28,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, help="classes of a bare weights file (default: from the classifier)")
     p.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--device", default="auto")
     p.add_argument("--amp", choices=["bfloat16", "float16"], help="autocast dtype (the solver stays in float32)")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--input-size", type=int, help="eval resolution (default: the model's)")
     p.add_argument("--crop-pct", type=float, help="center-crop fraction (default: the model's)")
     add_solver_flags(p)
     p.add_argument("--sweep-iters", type=int, nargs="+", metavar="N", help="evaluate at each of these solver budgets")
-    p.add_argument("--output", help="folder for eval.json / sweep.* (default: outputs/eval_cls/<time>)")
-    p.add_argument("--no-progress", action="store_true")
+    add_job_flags(p, "eval_cls", "eval.json / sweep.*")
     return p
 
 
@@ -46,21 +44,15 @@ def run(argv=None) -> dict:
     args = parser.parse_args(argv)
     changes = solver_changes(parser, args)
 
-    def job(env):
-        return evaluate_classification_source(
-            args.source, env, output_folder("eval_cls", args.output, env), data_root=args.data_root,
-            split=args.split, model_name=args.model, num_classes=args.num_classes, use_ema=args.ema,
-            solver_changes=changes, batch_size=args.batch_size, workers=args.workers, amp=args.amp,
-            channels_last=args.channels_last, input_size=args.input_size, crop_pct=args.crop_pct,
-            sweep_iters=args.sweep_iters, progress=not args.no_progress,
-            say=print if env.is_main else (lambda *a, **k: None))
-
-    return run_distributed(args.device, job)
+    return run_distributed(args.device, lambda env: evaluate_classification_source(
+        args.source, env, output_folder("eval_cls", args.output, env), data_root=args.data_root, split=args.split,
+        model_name=args.model, num_classes=args.num_classes, use_ema=args.ema, solver_changes=changes,
+        batch_size=args.batch_size, workers=args.workers, amp=args.amp, channels_last=args.channels_last,
+        input_size=args.input_size, crop_pct=args.crop_pct, sweep_iters=args.sweep_iters,
+        progress=not args.no_progress))
 
 
-def main(argv=None) -> int:
-    run(argv)
-    return 0
+main = exit_code_main(run)
 
 
 if __name__ == "__main__":

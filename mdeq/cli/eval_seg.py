@@ -18,7 +18,8 @@ The work is ``mdeq.engine.segmentation_eval.evaluate_segmentation_source``.
 import argparse
 import sys
 
-from mdeq.cli.common import add_solver_flags, output_folder, run_distributed, solver_changes
+from mdeq.cli.common import (add_job_flags, add_solver_flags, exit_code_main, output_folder, run_distributed,
+                             solver_changes)
 from mdeq.engine.segmentation_eval import evaluate_segmentation_source
 
 
@@ -45,12 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add horizontally flipped passes (default: the run's setting, else no)")
     add_solver_flags(p)
     p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--device", default="auto")
     p.add_argument("--amp", choices=["bfloat16", "float16"], help="autocast dtype (the solver stays in float32)")
     p.add_argument("--save-predictions", metavar="DIR", help="write the predicted label PNGs here")
-    p.add_argument("--output", help="folder for eval.json / iou.md (default: outputs/eval_seg/<time>)")
-    p.add_argument("--no-progress", action="store_true")
+    add_job_flags(p, "eval_seg", "eval.json / iou.md")
     return p
 
 
@@ -61,21 +59,15 @@ def run(argv=None) -> dict:
     changes = solver_changes(parser, args)
     inference = dict(mode=args.mode, window=args.window, stride=args.stride, scales=args.scales, flip=args.flip)
 
-    def job(env):
-        return evaluate_segmentation_source(
-            args.source, env, output_folder("eval_seg", args.output, env), dataset=args.dataset,
-            data_root=args.data_root, split=args.split, classes=args.classes, label_type=args.label_type,
-            no_labels=args.no_labels, model_name=args.model, use_ema=args.ema, solver_changes=changes,
-            inference_changes=inference, batch_size=args.batch_size, workers=args.workers, amp=args.amp,
-            save_predictions=args.save_predictions, progress=not args.no_progress,
-            say=print if env.is_main else (lambda *a, **k: None))
-
-    return run_distributed(args.device, job)
+    return run_distributed(args.device, lambda env: evaluate_segmentation_source(
+        args.source, env, output_folder("eval_seg", args.output, env), dataset=args.dataset, data_root=args.data_root,
+        split=args.split, classes=args.classes, label_type=args.label_type, no_labels=args.no_labels,
+        model_name=args.model, use_ema=args.ema, solver_changes=changes, inference_changes=inference,
+        batch_size=args.batch_size, workers=args.workers, amp=args.amp, save_predictions=args.save_predictions,
+        progress=not args.no_progress))
 
 
-def main(argv=None) -> int:
-    run(argv)
-    return 0
+main = exit_code_main(run)
 
 
 if __name__ == "__main__":

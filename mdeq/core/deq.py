@@ -54,7 +54,8 @@ from . import backward as _bw
 from .options import (Option, flag, mapping, nonnegative, nonnegative_int, one_of, optional, positive_int,
                       unit_interval)
 from .regularizers import jacobian_reg
-from .solvers import COMMON_OPTIONS, STOP_MODES, SolverSpec, SolverStats, list_solvers, solver_spec
+from .solvers import (COMMON_OPTIONS, STOP_MODES, SolverSpec, SolverStats, call_time_inputs, list_solvers,
+                      root_solvers, solver_spec)
 from .state import State, StatePacker
 
 __all__ = ["DEQ", "DEQ_OPTIONS", "BACKWARDS", "INITS", "merge_deq_options", "check_deq_options", "budget_options"]
@@ -74,9 +75,8 @@ def _registered_solver(name: str, v: Any) -> None:
 def _root_solver(name: str, v: Any) -> None:
     _registered_solver(name, v)
     spec = solver_spec(v)
-    if spec.differentiable or spec.needs:
-        roots = [s for s in list_solvers() if not (solver_spec(s).differentiable or solver_spec(s).needs)]
-        raise ValueError(f"{name} {v!r} cannot solve the backward fixed point; choose one of {roots}")
+    if not spec.finds_roots:
+        raise ValueError(f"{name} {v!r} cannot solve the backward fixed point; choose one of {root_solvers()}")
 
 
 DEQ_OPTIONS: Dict[str, Option] = {
@@ -278,7 +278,7 @@ class DEQ(nn.Module):
         if jac_probes and not grad:
             raise ValueError("jac_probes > 0 needs gradients enabled: the Jacobian penalty is a training loss")
         spec = solver_spec(o["solver"])
-        known = {k for name in list_solvers() for k in solver_spec(name).needs}
+        known = call_time_inputs()
         if set(inputs) - known:
             raise TypeError(f"DEQ got unexpected keyword(s) {sorted(set(inputs) - known)}; objects that solvers "
                             f"need at call time: {sorted(known)}")

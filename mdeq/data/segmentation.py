@@ -12,6 +12,7 @@ Augmentation randomness comes from the global numpy RNG (one draw per item), so 
 from __future__ import annotations
 
 import random
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -108,7 +109,7 @@ def _to_chw_tensor(image) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))).float()
 
 
-class SegmentationDataset(Dataset):
+class SegmentationDataset(Dataset, ABC):
     """Common base: ``samples`` are (image path, label path or None); items are (image CHW float, mask HW long).
 
     ``transform`` is an albumentations ``Compose`` (or None: ImageNet normalisation only). Before each call
@@ -133,9 +134,9 @@ class SegmentationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    @abstractmethod
     def read_label(self, index: int) -> np.ndarray:
-        """The sample's label file as uint8 class indices with ``ignore_index`` (subclasses map/validate)."""
-        raise NotImplementedError
+        """The sample's label file as uint8 class indices with ``ignore_index`` (each layout maps/validates)."""
 
     def load(self, index: int) -> Tuple[np.ndarray, np.ndarray]:
         """(RGB uint8 HWC image, uint8 HW mask in class indices, ignore = ``ignore_index``), untransformed."""

@@ -13,7 +13,8 @@ from ..data.classification import build_transform, resolve_data_cfg
 from ..data.factory import CLASSIFICATION_BUILTINS, build_classification_split
 from ..data.loaders import build_eval_loader
 from .amp import amp_dtype
-from .distributed import DistEnv
+from .checkpoint import plain_data
+from .distributed import DistEnv, main_print
 from .evaluate import evaluate_classifier, sweep_solver_budgets, write_sweep
 from .model_source import load_model_for_eval
 
@@ -27,13 +28,15 @@ def evaluate_classification_source(source: str, env: DistEnv, output_dir: Path, 
                                    workers: int = 2, amp: Optional[str] = None, channels_last: bool = False,
                                    input_size: Optional[int] = None, crop_pct: Optional[float] = None,
                                    sweep_iters: Optional[Sequence[int]] = None, progress: bool = True,
-                                   say: Callable[..., None] = print) -> Dict[str, Any]:
+                                   say: Optional[Callable[..., None]] = None) -> Dict[str, Any]:
     """Evaluate ``source`` (a training checkpoint, a weights file, or a timm name with a tag); see ``eval_cls``.
 
     A training checkpoint brings its evaluation settings, classes, data config and data (``data_root``
     overrides its root); ``solver_changes`` (``configure_deq`` keywords) apply on top. Writes ``eval.json``
     (and ``sweep.csv/json/png`` with ``sweep_iters``) to ``output_dir`` on the main process; returns the result.
+    ``say`` prints the report (default: ``print`` on the main process, nothing elsewhere).
     """
+    say = say or main_print(env)
     loaded = load_model_for_eval(source, model_name, num_classes, use_ema)
     model = loaded.model.to(env.device).eval()
     if channels_last:
@@ -63,7 +66,7 @@ def evaluate_classification_source(source: str, env: DistEnv, output_dir: Path, 
     result = dict(source=source, description=loaded.description, arch=loaded.arch, split=split,
                   data_root=str(dataset.folder.parent), images=res.count, top1=res.top1, top5=res.top5,
                   loss=res.loss, deq_nstep_mean=res.deq_nstep_mean, deq_rel_residual_mean=res.deq_rel_residual_mean,
-                  deq_abs_residual_mean=res.deq_abs_residual_mean, solver=jsonable(model.deq.options),
+                  deq_abs_residual_mean=res.deq_abs_residual_mean, solver=plain_data(model.deq.options),
                   input_size=list(data_cfg["input_size"]), crop_pct=data_cfg.get("crop_pct"))
     say(f"{loaded.description}: top-1 {res.top1:.2f}%  top-5 {res.top5:.2f}%  on {res.count} images; "
         f"{res.deq_nstep_mean:.1f} solver steps/image, relative residual {res.deq_rel_residual_mean:.3g}")
@@ -83,7 +86,3 @@ def evaluate_classification_source(source: str, env: DistEnv, output_dir: Path, 
     say(f"results: {output_dir / 'eval.json'}" + (f", {output_dir / 'sweep.png'}" if sweep_iters else ""))
     return result
 
-
-def jsonable(d: Mapping[str, Any]) -> Dict[str, Any]:
-    """A settings dict with every value JSON can hold (others as strings)."""
-    return {k: (v if isinstance(v, (int, float, str, bool, type(None), dict, list)) else str(v)) for k, v in d.items()}

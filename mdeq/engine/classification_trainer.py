@@ -41,9 +41,8 @@ def build_model(model_cfg: Mapping[str, Any], num_classes: int) -> nn.Module:
                               drop_rate=float(model_cfg.get("drop_rate", 0.0) or 0.0), **kwargs)
     weights = model_cfg.get("weights")
     if weights:
-        addons = tuple(p.rstrip(".") for p in getattr(model, "addon_prefixes", lambda: ())())
         fresh, _ = load_backbone_weights(model, read_state_dict(weights, prefer_ema=bool(model_cfg.get("ema_weights"))),
-                                         head_names=("classifier",) + addons)
+                                         head_names=("classifier",))
         if fresh:
             _log.info("loaded %s; new head (%d classes): %s", weights, num_classes, fresh)
     freeze_groups(model, model_cfg.get("freeze") or [])

@@ -10,13 +10,13 @@ import datetime
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 __all__ = ["DistEnv", "init_distributed", "shutdown_distributed", "all_reduce_sum", "broadcast_object",
-           "launched_by_torchrun", "shared_run_stamp"]
+           "launched_by_torchrun", "shared_run_stamp", "main_print"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,11 @@ class DistEnv:
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
+
+
+def main_print(env: DistEnv) -> Callable[..., None]:
+    """``print`` on the main process, a no-op on the others (one report per job)."""
+    return print if env.is_main else (lambda *args, **kwargs: None)
 
 
 def launched_by_torchrun() -> bool:

@@ -26,7 +26,7 @@ def load_model_for_eval(source: str, model_name: Optional[str] = None, num_class
             if raw["identity"].get("task", "classification") != "classification":
                 raise ValueError(f"{path} is a {raw['identity']['task']} checkpoint; eval_cls evaluates classifiers "
                                  f"(use tools/eval_seg.py)")
-            return _described(model_from_checkpoint(raw, use_ema, where=str(path)), path)
+            return model_from_checkpoint(raw, use_ema, where=str(path))
         if use_ema:
             raise ValueError(f"--ema needs a training checkpoint with EMA weights; {path} is a plain weights file")
         sd = state_dict_from(raw, path) if raw is not None else read_state_dict(path)
@@ -37,11 +37,6 @@ def load_model_for_eval(source: str, model_name: Optional[str] = None, num_class
     kwargs = {} if num_classes is None else dict(num_classes=num_classes)
     model = timm.create_model(source, pretrained="." in source, **kwargs)
     return LoadedModel(model=model, arch=source.split(".")[0], description=f"timm model {source}")
-
-
-def _described(loaded: LoadedModel, path: Path) -> LoadedModel:
-    loaded.description = f"training checkpoint {path} (step {loaded.step})"
-    return loaded
 
 
 def _from_weights_file(path: Path, sd: Dict[str, torch.Tensor], model_name: Optional[str],
@@ -72,7 +67,7 @@ def load_segmentation_model_for_eval(source: str, model_name: Optional[str] = No
             if raw["identity"].get("task") != "segmentation":
                 raise ValueError(f"{path} is a {raw['identity'].get('task', 'classification')} checkpoint; eval_seg "
                                  f"evaluates segmentation models (use tools/eval_cls.py)")
-            return _described(model_from_checkpoint(raw, use_ema, where=str(path)), path)
+            return model_from_checkpoint(raw, use_ema, where=str(path))
         if use_ema:
             raise ValueError(f"--ema needs a training checkpoint with EMA weights; {path} is a plain weights file")
         sd = state_dict_from(raw, path) if raw is not None else read_state_dict(path)

@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Union
 import timm
 from torch import nn
 
-from ..models import create_segmentation_model
+from ..models import create_segmentation_model, describe_mismatch, state_shapes
 from .checkpoint import CheckpointError, load_checkpoint
 from .deq_schedule import DEQSchedule, build_schedule
 
@@ -87,12 +87,11 @@ def model_from_checkpoint(source: Union[str, Path, Mapping[str, Any]], use_ema: 
 
 
 def _load(model: nn.Module, weights: Mapping[str, Any], allow_missing: tuple, where: str) -> None:
-    own = model.state_dict()
-    wrong = [k for k, v in weights.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
-    missing = [k for k in own if k not in weights and not k.startswith(allow_missing)
-               and not k.endswith("num_batches_tracked")]  # frozen BatchNorm (model.freeze) has no step counter
-    unexpected = [k for k in weights if k not in own]
-    if missing or unexpected or wrong:
-        raise CheckpointError(f"the weights of {where} do not fit the model its identity describes: missing "
-                              f"{missing[:5]}, unexpected {unexpected[:5]}, other shapes {wrong[:5]}")
+    """Load ``weights``: names and shapes must be the model's (BatchNorm step counters aside: frozen BatchNorm has
+    none), except that keys under ``allow_missing`` may be absent."""
+    expected = {k: v for k, v in state_shapes(model.state_dict()).items()
+                if k in weights or not k.startswith(allow_missing)}
+    mismatch = describe_mismatch(expected, state_shapes(weights), limit=5)
+    if mismatch != "matches":
+        raise CheckpointError(f"the weights of {where} do not fit the model its identity describes: {mismatch}")
     model.load_state_dict(weights, strict=False)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from itertools import islice
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,8 @@ from .distributed import DistEnv, all_reduce_sum
 from .evaluate import autocast_context
 from .seg_metrics import ConfusionMatrix, SegMetrics
 
-__all__ = ["pad_to_multiple", "slide_windows", "SegInference", "SegEvalResult", "evaluate_segmentation"]
+__all__ = ["pad_to_multiple", "slide_windows", "SegInference", "build_inference", "SegEvalResult",
+           "evaluate_segmentation"]
 
 Size = Union[int, Sequence[int]]
 
@@ -204,6 +205,16 @@ class SegInference:
         if stats is not None:
             self._stats.append((stats.nstep.detach().float(), stats.rel_residual.detach().float(),
                                 stats.abs_residual.detach().float()))
+
+
+def build_inference(model: nn.Module, icfg: Optional[Mapping[str, Any]], amp_dtype=None) -> SegInference:
+    """``SegInference`` from an ``inference`` config: mode (whole | slide), window, stride, scales, flip."""
+    icfg = dict(icfg or {})
+    window, stride = icfg.get("window"), icfg.get("stride")
+    return SegInference(model, mode=icfg.get("mode", "whole"), window=None if window is None else tuple(window),
+                        stride=None if stride is None else tuple(stride), scales=tuple(icfg.get("scales") or (1.0,)),
+                        flip=bool(icfg.get("flip", False)), amp_dtype=amp_dtype)
+
 
 
 @dataclass

@@ -82,8 +82,7 @@ def build_segmentation_model(model_cfg: Mapping[str, Any], num_classes: int) -> 
     elif model_cfg.get("weights"):
         path = model_cfg["weights"]
         sd = read_state_dict(path, prefer_ema=bool(model_cfg.get("ema_weights")))
-        addons = tuple(p.rstrip(".") for p in model.addon_prefixes())
-        fresh, _ = load_backbone_weights(model, sd, head_names=(SEG_CLASSIFIER,) + addons)
+        fresh, _ = load_backbone_weights(model, sd, head_names=(SEG_CLASSIFIER,))
         fresh = [k for k in fresh if k.startswith(SEG_CLASSIFIER + ".")]
         info["summary"] = f"segmentation weights {path}" + (f" (new {num_classes}-class classifier)" if fresh else "")
     elif model_cfg.get("backbone"):

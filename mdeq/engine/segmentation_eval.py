@@ -14,11 +14,10 @@ from ..data.factory import build_segmentation_dataset
 from ..data.loaders import build_eval_loader
 from ..data.segmentation import build_seg_eval_transform, collate_same_size, save_label_png
 from .amp import amp_dtype
-from .classification_eval import jsonable
-from .distributed import DistEnv
+from .checkpoint import plain_data
+from .distributed import DistEnv, main_print
 from .model_source import load_segmentation_model_for_eval
-from .seg_inference import evaluate_segmentation
-from .segmentation_trainer import build_inference
+from .seg_inference import build_inference, evaluate_segmentation
 
 __all__ = ["evaluate_segmentation_source", "inference_settings"]
 
@@ -48,10 +47,12 @@ def evaluate_segmentation_source(source: str, env: DistEnv, output_dir: Path, da
                                  inference_changes: Optional[Mapping[str, Any]] = None, batch_size: int = 1,
                                  workers: int = 2, amp: Optional[str] = None,
                                  save_predictions: Optional[str] = None, progress: bool = True,
-                                 say: Callable[..., None] = print) -> Dict[str, Any]:
+                                 say: Optional[Callable[..., None]] = None) -> Dict[str, Any]:
     """Evaluate ``source`` (a train_seg checkpoint, a weights file or a published tag); see ``eval_seg``.
     ``inference_changes`` (mode, window, stride, scales, flip; None keeps the run's) change the run's inference
-    config (``inference_settings``). Returns the result (also written to ``output_dir/eval.json``)."""
+    config (``inference_settings``). Returns the result (also written to ``output_dir/eval.json``). ``say`` prints
+    the report (default: ``print`` on the main process, nothing elsewhere)."""
+    say = say or main_print(env)
     loaded = load_segmentation_model_for_eval(source, model_name, use_ema=use_ema)
     model = loaded.model.to(env.device).eval()
     if solver_changes:
@@ -103,7 +104,7 @@ def evaluate_segmentation_source(source: str, env: DistEnv, output_dir: Path, da
                   iou={c: _num(v) for c, v in zip(data.classes, m.iou)},
                   deq_nstep_mean=res.deq_nstep_mean, deq_rel_residual_mean=res.deq_rel_residual_mean,
                   deq_abs_residual_mean=res.deq_abs_residual_mean, inference=icfg,
-                  solver=jsonable(model.deq.options),
+                  solver=plain_data(model.deq.options),
                   predictions=str(save_dir) if save_dir else None)
     if labelled:
         say(m.table(list(data.classes)))

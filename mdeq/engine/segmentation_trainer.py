@@ -21,12 +21,12 @@ from torch import nn
 from ..data.factory import build_segmentation_datasets
 from ..data.loaders import SeededDataset
 from ..data.segmentation import build_seg_eval_transform, build_seg_train_transform, collate_same_size, colorize
-from .seg_inference import SegEvalResult, SegInference, evaluate_segmentation
+from .seg_inference import SegEvalResult, build_inference, evaluate_segmentation
 from .seg_loss import SegmentationLoss, resolve_class_weights
 from .seg_model import build_segmentation_model
 from .training_loop import Trainer
 
-__all__ = ["SegmentationTrainer", "build_inference"]
+__all__ = ["SegmentationTrainer"]
 
 _log = logging.getLogger("mdeq.train")
 
@@ -42,15 +42,6 @@ def _fit_height(panel: np.ndarray, height: int) -> np.ndarray:
 
     width = max(1, round(panel.shape[1] * height / panel.shape[0]))
     return np.asarray(Image.fromarray(panel).resize((width, height), Image.NEAREST))
-
-
-def build_inference(model: nn.Module, icfg: Optional[Mapping[str, Any]], amp_dtype=None) -> SegInference:
-    """``SegInference`` from an ``inference`` config: mode (whole | slide), window, stride, scales, flip."""
-    icfg = dict(icfg or {})
-    window, stride = icfg.get("window"), icfg.get("stride")
-    return SegInference(model, mode=icfg.get("mode", "whole"), window=None if window is None else tuple(window),
-                        stride=None if stride is None else tuple(stride), scales=tuple(icfg.get("scales") or (1.0,)),
-                        flip=bool(icfg.get("flip", False)), amp_dtype=amp_dtype)
 
 
 def _size(name: str, v: Any) -> Tuple[int, int]:

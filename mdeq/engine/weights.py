@@ -57,9 +57,12 @@ def load_backbone_weights(model: nn.Module, state_dict: Mapping[str, torch.Tenso
                           head_names: Sequence[str] = ("classifier",)) -> Tuple[List[str], List[str]]:
     """Load everything but a head whose shape differs (a new number of classes); strict otherwise.
 
-    Returns (head keys left at their fresh init, keys skipped). Raises ``StateDictMismatch`` listing what
-    is missing, unexpected or of the wrong shape in the backbone.
+    The model's add-ons (an MDEQ's ``addon_prefixes``: the Skip DEQ predictor, the C-DEQ student), which weights
+    of a plain model lack, count as heads too. Returns (head keys left at their fresh init, keys skipped).
+    Raises ``StateDictMismatch`` listing what is missing, unexpected or of the wrong shape in the backbone.
     """
+    addons = tuple(p.rstrip(".") for p in getattr(model, "addon_prefixes", lambda: ())())
+    head_names = tuple(head_names) + addons
     own = model.state_dict()
     head_keys = [k for k in own if any(k == h or k.startswith(h + ".") for h in head_names)]
     fresh = [k for k in head_keys if k not in state_dict or state_dict[k].shape != own[k].shape]

@@ -18,8 +18,7 @@ from mdeq.engine.checkpoint import load_checkpoint
 from mdeq.engine.distributed import DistEnv
 from mdeq.engine.evaluate import evaluate_classifier
 from mdeq.engine.rebuild import model_from_checkpoint
-from mdeq.engine.seg_inference import evaluate_segmentation
-from mdeq.engine.segmentation_trainer import build_inference
+from mdeq.engine.seg_inference import build_inference, evaluate_segmentation
 
 OLD = Path(__file__).resolve().parents[1] / "fixtures" / "a8c66c0"
 EXPECTED = json.loads((OLD / "expected.json").read_text())

@@ -44,7 +44,7 @@ def evaluate_method(checkpoint: Path, evals: Sequence[int] = DEFAULT_EVALS, env=
         rows.append(dict(evals=int(k), nfe=nfe, exact=nfe == int(k), top1=round(res.top1, 2), top5=round(res.top5, 2),
                          solver=model.deq.options["solver"]))
     spec = solver_spec(base["solver"])
-    if spec.differentiable or spec.needs:  # the stack at its own depth; C-DEQ's student at its own steps
+    if not spec.stops_at_tol:  # the stack at its own depth; C-DEQ's student at its own steps
         conv_options = dict(base)
     else:
         conv_options = {**base, "max_iter": CONVERGE_MAX_ITER, "tol": CONVERGE_TOL, "final_step": True}

@@ -106,7 +106,7 @@ def to_markdown(result: Dict) -> str:
     for name, r in rows.items():
         if "budgets" not in r:
             lines.append(f"| {r['label']} | {r['recipe']} | " + " | ".join("-" for _ in evals)
-                         + f" | failed | - | - | - |")
+                         + " | failed | - | - | - |")
             continue
         cells = [f"{b['top1']:.1f}" + ("" if b["exact"] else f" ({b['nfe']} f)") for b in r["budgets"]]
         c = r["converged"]

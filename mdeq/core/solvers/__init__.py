@@ -33,7 +33,8 @@ Rooms: ``bookkeeping`` (per-sample stopping, best iterate, ``SolverStats``), ``r
 is one file here that calls ``register_solver``, plus its import below.
 """
 from .bookkeeping import NORM_EPS, STOP_MODES, Progress, Record, SolverStats, flatten, residual_norms
-from .registry import COMMON_OPTIONS, SolverSpec, get_solver, list_solvers, register_solver, solver_options, solver_spec
+from .registry import (COMMON_OPTIONS, SolverSpec, call_time_inputs, get_solver, list_solvers, register_solver,
+                       root_solvers, solver_options, solver_spec)
 from .fixed_point import fixed_point
 from .anderson import anderson
 from .broyden import broyden
@@ -44,5 +45,6 @@ from .unroll import unroll
 __all__ = [
     "SolverStats", "SolverSpec", "Progress", "Record", "STOP_MODES", "NORM_EPS", "COMMON_OPTIONS", "flatten",
     "residual_norms", "register_solver", "get_solver", "solver_spec", "list_solvers", "solver_options",
+    "call_time_inputs", "root_solvers",
     "fixed_point", "anderson", "broyden", "ode", "consistency", "unroll",
 ]

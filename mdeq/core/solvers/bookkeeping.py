@@ -230,11 +230,13 @@ class Progress:
         """Count ``n`` evaluations of f that are not observed as iterates (e.g. inner Runge-Kutta stages)."""
         self.nfe += n
 
-    def trace_evaluation(self, x: torch.Tensor, fx: torch.Tensor) -> None:
-        """Add the residual of an evaluation that is not an iterate to the trace (when tracing)."""
+    def trace_evaluation(self, fx: torch.Tensor, g: torch.Tensor) -> None:
+        """Add the residual g = fx - x of an evaluation that is not an iterate to the trace (when tracing)."""
         if self.trace is not None:
-            a, r = residual_norms(x, fx)
-            self.trace.append((r if self.use_rel else a).tolist())
+            a = torch.linalg.vector_norm(g, dim=1)
+            if self.use_rel:
+                a = a / (torch.linalg.vector_norm(fx, dim=1) + NORM_EPS)
+            self.trace.append(a.tolist())
 
     def stopped(self) -> List[bool]:
         """Per sample: converged or diverged (frozen from now on)."""

@@ -175,7 +175,7 @@ def ode(f: Callable[[State], State], z0: State, *, max_iter: int, tol: float, st
             k = fy - y
             ks.append(k)
             if i < len(tab.a) - 1:
-                progress.trace_evaluation(y, fy)
+                progress.trace_evaluation(fy, k)
         x_new, fx_new, g_new = y, fy, k  # FSAL: the last stage point is the new state, k = F(x_new)
 
         err = _combo(tab.err, ks).mul_(h_step)

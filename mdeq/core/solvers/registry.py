@@ -23,13 +23,13 @@ from __future__ import annotations
 import functools
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple, Union
 
 from ..options import Option, above_one, flag, nonnegative, one_of, positive_int, record_spec
 from .bookkeeping import STOP_MODES
 
 __all__ = ["COMMON_OPTIONS", "SolverSpec", "register_solver", "get_solver", "solver_spec", "list_solvers",
-           "solver_options"]
+           "solver_options", "call_time_inputs", "root_solvers"]
 
 COMMON_OPTIONS: Dict[str, Option] = {
     "max_iter": Option(50, positive_int, "f-evaluations at most (the solver's budget)"),
@@ -64,6 +64,18 @@ class SolverSpec:
     @property
     def can_return_f(self) -> bool:
         return "return_f" in self.options
+
+    @property
+    def finds_roots(self) -> bool:
+        """Solves any fixed point from f and z0 alone (not differentiable, needs nothing at call time): what the
+        implicit backward and a teacher trajectory need."""
+        return not (self.differentiable or self.needs)
+
+    @property
+    def stops_at_tol(self) -> bool:
+        """Stops a sample once its residual meets ``tol`` (its fixed budget sets ``tol`` 0); the others always
+        take ``max_iter`` steps (an unrolled stack, a distilled student)."""
+        return "tol" in self.fixed_budget
 
     def defaults(self) -> Dict[str, Any]:
         return {k: o.default for k, o in self.options.items()}
@@ -157,6 +169,16 @@ def get_solver(name: str) -> Callable:
 
 def list_solvers() -> List[str]:
     return sorted(_REGISTRY)
+
+
+def root_solvers() -> List[str]:
+    """The registered solvers that ``finds_roots``."""
+    return [name for name in sorted(_REGISTRY) if _REGISTRY[name].finds_roots]
+
+
+def call_time_inputs() -> Set[str]:
+    """Every object some registered solver needs at call time (``SolverSpec.needs``), e.g. {'student'}."""
+    return {k for spec in _REGISTRY.values() for k in spec.needs}
 
 
 def solver_options(name: str) -> Dict[str, Any]:
