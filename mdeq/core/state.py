@@ -12,13 +12,17 @@ import torch
 
 State = Union[torch.Tensor, List[torch.Tensor]]
 
-__all__ = ["State", "StatePacker", "state_tensors", "state_like"]
+__all__ = ["State", "StatePacker", "state_tensors", "state_like", "is_channels_last"]
 
 
 class StatePacker:
     """Remembers the structure of a state so it can be packed to (B, D) and unpacked again.
 
     ``pack`` is a view for a single tensor and one ``torch.cat`` for a list; ``unpack`` returns views.
+    A 4-d tensor stored channels-last (``torch.channels_last``, what ``model.to(memory_format=...)`` gives) is
+    packed in its memory order (B, H, W, C), so packing it copies nothing and ``unpack`` hands back a
+    channels-last view: the order of the D entries is the packer's business, every solver treats a row as a
+    plain vector.
     """
 
     def __init__(self, state: State):
@@ -50,6 +54,7 @@ class StatePacker:
             )
         self.batch_size = tensors[0].shape[0]
         self.shapes = [tuple(t.shape[1:]) for t in tensors]
+        self.nhwc = [is_channels_last(t) for t in tensors]
         self.sizes = [int(torch.Size(s).numel()) for s in self.shapes]
         self.dim = sum(self.sizes)
 
@@ -60,7 +65,7 @@ class StatePacker:
             if not isinstance(state, torch.Tensor):
                 raise TypeError(f"expected a tensor state like the initial one, got {type(state).__name__}")
             self._check_shape(0, state)
-            return state.reshape(b, -1)
+            return _flat(state, b, self.nhwc[0])
         if not isinstance(state, (list, tuple)) or len(state) != len(self.shapes):
             raise TypeError(
                 f"expected a list of {len(self.shapes)} tensors like the initial state, got "
@@ -68,14 +73,15 @@ class StatePacker:
             )
         for i, t in enumerate(state):
             self._check_shape(i, t)
-        return torch.cat([t.reshape(b, -1) for t in state], dim=1)
+        return torch.cat([_flat(t, b, nhwc) for t, nhwc in zip(state, self.nhwc)], dim=1)
 
     def unpack(self, flat: torch.Tensor) -> State:
         """(B, D) matrix -> the original structure (views of ``flat``)."""
         b = flat.shape[0]
         if not self.is_list:
-            return flat.view(b, *self.shapes[0])
-        return [chunk.view(b, *shape) for chunk, shape in zip(flat.split(self.sizes, dim=1), self.shapes)]
+            return _unflat(flat, b, self.shapes[0], self.nhwc[0])
+        return [_unflat(chunk, b, shape, nhwc)
+                for chunk, shape, nhwc in zip(flat.split(self.sizes, dim=1), self.shapes, self.nhwc)]
 
     def _check_shape(self, i: int, t: torch.Tensor) -> None:
         if tuple(t.shape[1:]) != self.shapes[i] or t.shape[0] != self.batch_size:
@@ -83,6 +89,26 @@ class StatePacker:
                 f"f returned a state tensor {i} of shape {tuple(t.shape)}; expected "
                 f"{(self.batch_size, *self.shapes[i])}, the shape of the initial state"
             )
+
+
+def is_channels_last(t: torch.Tensor) -> bool:
+    """Whether each sample of the 4-d ``t`` is stored channels-last (H, W, C), and not also plainly contiguous as
+    size-1 dims allow; the batch stride does not matter (an unpacked state is a view into the (B, D) matrix)."""
+    if t.dim() != 4 or t.shape[0] == 0:
+        return False
+    one = t[:1]
+    return not one.is_contiguous() and one.is_contiguous(memory_format=torch.channels_last)
+
+
+def _flat(t: torch.Tensor, b: int, nhwc: bool) -> torch.Tensor:
+    return (t.permute(0, 2, 3, 1) if nhwc else t).reshape(b, -1)
+
+
+def _unflat(chunk: torch.Tensor, b: int, shape, nhwc: bool) -> torch.Tensor:
+    if nhwc:
+        c, h, w = shape
+        return chunk.view(b, h, w, c).permute(0, 3, 1, 2)
+    return chunk.view(b, *shape)
 
 
 def state_tensors(state: State) -> List[torch.Tensor]:

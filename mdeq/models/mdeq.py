@@ -31,6 +31,7 @@ from timm.models._features import feature_take_indices
 
 from mdeq.core import DEQ, ConsistencyFunction, SolverStats, StatePacker, forward_scope
 from mdeq.core.norm import has_weight_norm
+from mdeq.core.state import is_channels_last
 
 from .cheap_inference import MultiscaleGenerator, MultiscaleInitializer
 from .config import CLS_PRESETS, MDEQConfig, config_field_names, resolve_config
@@ -84,10 +85,12 @@ class MDEQStage(MDEQCell):
         return MDEQCell.forward(self, z, injection)
 
     def initial_state(self, injection: torch.Tensor) -> List[torch.Tensor]:
-        """The zero state: one (B, C_i, H / 2^i, W / 2^i) tensor per branch."""
+        """The zero state: one (B, C_i, H / 2^i, W / 2^i) tensor per branch, in the injection's memory format
+        (channels-last when the model and its input are, ``model.to(memory_format=torch.channels_last)``)."""
         b, _, h, w = injection.shape
+        fmt = torch.channels_last if is_channels_last(injection) else torch.contiguous_format
         return [injection.new_zeros(b, self.branches[i].blocks[0].conv2.out_channels, h >> i, w >> i)
-                for i in range(self.num_branches)]
+                .contiguous(memory_format=fmt) for i in range(self.num_branches)]
 
     def forward(self, injection: torch.Tensor, z0: Optional[List[torch.Tensor]] = None  # type: ignore[override]
                 ) -> List[torch.Tensor]:

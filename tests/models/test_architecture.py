@@ -6,6 +6,7 @@ import timm
 import torch
 
 import mdeq
+from mdeq.core.state import is_channels_last
 from mdeq.models import CLS_PRESETS, MDEQConfig, create_segmentation_model, to_official_state_dict
 from tests.models import official_reference as ref
 
@@ -148,6 +149,35 @@ def test_training_step_reaches_every_parameter_and_weight_norm_is_computed_once(
     assert len(calls) == 3 * model.cfg.num_branches  # conv1, conv2, post-fuse conv: once per forward
     assert not [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert model.deq_stats.backward is not None and model.deq_stats.nfe == 6
+
+
+@pytest.mark.parametrize("solver", ["anderson", "broyden"])
+def test_channels_last_model_solves_in_channels_last_and_equals_the_nchw_model(solver):
+    # model.to(memory_format=channels_last) with a channels-last input keeps the whole state channels-last.
+    # Training is compared in float64: with dropout, a GroupNorm group whose channels are all dropped has zero
+    # variance, and float32 rounding (a different summation order) then moves some gradients by ~1%
+    torch.manual_seed(0)
+    model = timm.create_model("mdeq_tiny", deq=dict(solver=solver, max_iter=6, tol=0.0))
+    fast = timm.create_model("mdeq_tiny", deq=dict(solver=solver, max_iter=6, tol=0.0))
+    fast.load_state_dict(model.state_dict())
+    fast.to(memory_format=torch.channels_last)
+    x = torch.randn(3, 3, 16, 16)
+    xf = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(fast.eval()(xf), model.eval()(x), rtol=1e-5, atol=1e-5)
+        z = fast.forward_equilibrium(xf)
+    assert all(is_channels_last(t) for t in z)  # views into the solver's (B, D) matrix, NHWC per sample
+    model.double().train(), fast.double().train()
+    torch.manual_seed(1)
+    ref = model(x.double())
+    torch.manual_seed(1)  # the same dropout masks
+    out = fast(xf.double())
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    out.sum().backward()
+    ref.sum().backward()
+    grads = dict(fast.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name].grad, p.grad, rtol=1e-8, atol=1e-10)
 
 
 def test_model_deep_copies_and_works_with_model_ema_after_a_regularised_training_step():
