@@ -38,7 +38,7 @@ class BasicBlock(nn.Module):
         self.gn2 = nn.GroupNorm(groups, ch, affine=affine, **dd)
         self.gn3 = nn.GroupNorm(groups, ch, affine=affine, **dd)
         self.drop = VariationalDropout(dropout)
-        self.relu = nn.ReLU()
+        self.relu = nn.ReLU(inplace=True)  # on fresh GN / sum outputs, whose backward never needs them
 
     def forward(self, z: torch.Tensor, u: Optional[torch.Tensor] = None) -> torch.Tensor:
         out = self.relu(self.gn1(self.conv1(z)))
@@ -91,7 +91,7 @@ class DownsampleModule(nn.Module):
                 gnorm=nn.GroupNorm(groups, ch, affine=affine, **dd),
             )
             if not last:
-                layers["relu"] = nn.ReLU()
+                layers["relu"] = nn.ReLU(inplace=True)
             steps.append(nn.Sequential(layers))
         self.net = nn.Sequential(*steps)
 
@@ -124,7 +124,7 @@ class MDEQCell(nn.Module):
             self.fuse_layers.append(row)
         self.post_fuse_layers = nn.ModuleList([
             nn.Sequential(OrderedDict(
-                relu=nn.ReLU(),
+                relu=nn.ReLU(inplace=True),  # on the fused sum, a fresh tensor (or, with one branch, block 0's)
                 conv=nn.Conv2d(chs[i], chs[i], 1, bias=False, **dd),
                 gnorm=nn.GroupNorm(g // 2, chs[i], affine=cfg.post_gn_affine, **dd),
             ))
@@ -141,6 +141,8 @@ class MDEQCell(nn.Module):
         for i in range(n):
             total = b[0] if i == 0 else self.fuse_layers[i][0](b[0])
             for j in range(1, n):  # summed in the original's order, j = 0..n-1
-                total = total + (b[j] if i == j else self.fuse_layers[i][j](b[j]))
+                term = b[j] if i == j else self.fuse_layers[i][j](b[j])
+                # in place once total is a fresh sum: b[0] itself is shared by the other rows
+                total = total + term if i == 0 and j == 1 else total.add_(term)
             out.append(self.post_fuse_layers[i](total))
         return out
