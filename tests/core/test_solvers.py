@@ -215,3 +215,46 @@ def test_anderson_damping_and_broyden_restart_still_converge():
 def test_list_state_must_share_dtype():
     with pytest.raises(ValueError, match="dtype and device"):
         fixed_point(lambda z: z, [torch.zeros(1, 2), torch.zeros(1, 2, dtype=torch.float64)])
+
+
+def _dense_good_broyden(f, x, max_iter, memory):
+    """The textbook "good" Broyden with an explicit inverse Jacobian per sample (restart to -I when `memory`
+    updates were made): the iterates the low-rank solver must reproduce."""
+    b, d = x.shape
+    eye = torch.eye(d, dtype=x.dtype).expand(b, d, d)
+    H, made = -eye.clone(), 0
+    g = f(x) - x
+    xs, dx = [x], g.clone()
+    for _ in range(1, max_iter):
+        x = x + dx
+        g_new = f(x) - x
+        xs.append(x)
+        dg = g_new - g
+        h_dg = (H @ dg[:, :, None])[:, :, 0]
+        denom = (dx * h_dg).sum(1, keepdim=True)
+        u = (dx - h_dg) / denom
+        v = (dx[:, None, :] @ H)[:, 0]
+        if made == memory:
+            H, made = -eye.clone(), 0
+        H = H + u[:, :, None] * v[:, None, :]
+        made += 1
+        g, dx = g_new, -(H @ g_new[:, :, None])[:, :, 0]
+    return xs
+
+
+@pytest.mark.parametrize("memory", [20, 3])
+def test_broyden_iterates_equal_the_dense_textbook_method(memory):
+    # the low-rank bookkeeping (one product with H and one with H^T per step) is an exact rewrite
+    torch.manual_seed(0)
+    A = 0.9 * real_spectrum_matrix(12, 0.9, seed=3).double()
+    bias = torch.randn(3, 12, dtype=torch.float64)
+
+    def f(z):
+        return torch.tanh(z @ A.T + bias)
+
+    x0 = torch.zeros(3, 12, dtype=torch.float64)
+    expected = _dense_good_broyden(f, x0, 10, memory)
+    _, stats = broyden(f, x0, max_iter=10, tol=0.0, stop_mode="abs", memory=memory, record="all")
+    assert len(stats.trajectory) == len(expected) == 10
+    for got, want in zip(stats.trajectory, expected):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)

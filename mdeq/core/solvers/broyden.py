@@ -34,44 +34,44 @@ def broyden(f: Callable[[State], State], z0: State, *, max_iter: int, tol: float
     f_flat, x, packer, dtype = flatten(f, z0)
     b, d = x.shape
     progress = Progress(x, tol, stop_mode, trace, divergence_factor, record, return_f)
-    U = x.new_zeros(b, memory, d)
-    V = x.new_zeros(b, memory, d)
+    U = x.new_empty(b, memory, d)  # update i is rows U[:, i], V[:, i]; only the first n are in use
+    V = x.new_empty(b, memory, d)
     n = 0  # number of stored updates
 
-    def h_times(y):  # H y = -y + U^T (V y)
-        if n == 0:
-            return -y
-        c = torch.bmm(V[:, :n], y.unsqueeze(2))  # (B, n, 1)
-        return torch.bmm(c.transpose(1, 2), U[:, :n]).squeeze(1) - y
-
-    def times_h(y):  # y^T H = -y^T + (y^T U^T) V
-        if n == 0:
-            return -y
-        c = torch.bmm(U[:, :n], y.unsqueeze(2))
-        return torch.bmm(c.transpose(1, 2), V[:, :n]).squeeze(1) - y
+    def low_rank(left, right, y):  # right^T (left y) over the stored updates: two batched products, no copies
+        c = torch.bmm(y.unsqueeze(1), left[:, :n].transpose(1, 2))  # (B, 1, n): <left_i, y>
+        return torch.bmm(c, right[:, :n]).squeeze(1)
 
     fx = f_flat(x)
     g = fx - x
     if not progress.observe(x, fx, g):
-        dx = g.clone()  # -H0 g with H0 = -I
-        for k in range(1, max_iter):
+        dx = g  # -H0 g with H0 = -I
+        for _ in range(1, max_iter):
             x = x + dx
             fx = f_flat(x)
-            g_new = fx - x
-            if progress.observe(x, fx, g_new):
+            g = fx - x
+            if progress.observe(x, fx, g):
                 break
-            dg = g_new - g
-            g = g_new
-            h_dg = h_times(dg)
-            v = times_h(dx)
-            denom = (dx * h_dg).sum(dim=1, keepdim=True)
-            ok = torch.isfinite(denom) & (denom.abs() > 1e-30) & torch.isfinite(h_dg).all(dim=1, keepdim=True)
-            u = torch.where(ok, (dx - h_dg) / torch.where(ok, denom, torch.ones_like(denom)), torch.zeros_like(dx))
-            v = torch.where(ok, v, torch.zeros_like(v))
+            # One product with H and one with H^T per step. With Hg = H g_new, the secant update needs
+            # H dg = Hg + dx (the last step was dx = -H g_old), so u = (dx - H dg) / <dx, H dg> = -Hg / denom,
+            # v = H^T dx, and the next step -(H + u v^T) g_new = -Hg * <dx, dx> / denom (<v, g_new> = <dx, Hg>).
+            hg = low_rank(V, U, g).sub_(g) if n else -g
+            v = low_rank(U, V, dx).sub_(dx) if n else -dx
+            a = torch.linalg.vecdot(dx, hg)  # <dx, Hg>
+            dd = torch.linalg.vecdot(dx, dx)
+            denom = a + dd
+            ok = torch.isfinite(denom) & (denom.abs() > 1e-30)  # else: skip this sample's update
+            scale = torch.where(ok, -1.0 / torch.where(ok, denom, torch.ones_like(denom)), torch.zeros_like(denom))
             if n == memory:  # memory full: restart from H = -I (dropping old updates one by one is unstable)
                 n = 0
-            U[:, n] = u
-            V[:, n] = v
+                restarted = True
+            else:
+                restarted = False
+            torch.mul(hg, scale[:, None], out=U[:, n])
+            torch.where(ok[:, None], v, torch.zeros_like(v[:1]), out=V[:, n])  # a skipped v may be non-finite
             n += 1
-            dx = -h_times(g)
+            if restarted:  # H' = -I + u v^T: -H' g = g - u <v, g>
+                dx = torch.addcmul(g, U[:, n - 1], torch.where(ok, -a, torch.zeros_like(a))[:, None])
+            else:  # -(H + u v^T) g = -Hg * (1 + scale <dx, Hg>), = -Hg * <dx, dx> / denom where the update was made
+                dx = hg * torch.where(ok, -dd * -scale, -torch.ones_like(dd))[:, None]
     return progress.finish("broyden", packer, dtype)
