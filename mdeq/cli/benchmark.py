@@ -1,6 +1,8 @@
 """Benchmarks of mdeq-zoo. Usage: python -m mdeq.cli.benchmark (or tools/benchmark.py) {solvers,models,train,seg,budget}
 [options] [--out DIR]
 
+cell      the time of one MDEQ cell evaluation, eager NCHW (the original's path) against channels-last, the
+          compiled cell and bf16, eval and training (see mdeq/benchmarks/cell.py)
 solvers   f-evaluations, wall time and solver-overhead ratio of every solver on a fixed suite
           (see mdeq/benchmarks/solvers.py for the problems and the timing method)
 models    eval forward time, f-evaluations and residual of mdeq_tiny / mdeq_small per solver
@@ -21,6 +23,7 @@ import sys
 from pathlib import Path
 
 from mdeq.benchmarks import budget as budget_bench
+from mdeq.benchmarks import cell as cell_bench
 from mdeq.benchmarks import models as model_bench
 from mdeq.benchmarks import segmentation as seg_bench
 from mdeq.benchmarks import solvers as solver_bench
@@ -31,6 +34,16 @@ from mdeq.models.config import SEG_PRESETS
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("cell", help="one cell evaluation: eager vs channels-last vs compiled vs bf16")
+    c.add_argument("--model", action="append", metavar="NAME:SIZE:BATCH",
+                   help="model, input size and batch (repeatable; default mdeq_tiny:32:64 mdeq_small:224:8)")
+    c.add_argument("--variants", nargs="+", choices=cell_bench.VARIANTS, default=list(cell_bench.VARIANTS),
+                   help="variants to time; eager (today's NCHW eager cell) is always the reference")
+    c.add_argument("--modes", nargs="+", choices=["eval", "train"], default=["eval", "train"])
+    c.add_argument("--repeats", type=int, default=5, help="timed rounds after one warm-up (default 5)")
+    c.add_argument("--device", default="cpu")
+    c.add_argument("--threads", type=int, default=None)
+    c.add_argument("--out", type=Path, default=Path("results/benchmarks"))
     p = sub.add_parser("solvers", help="solver f-evaluations, wall time and overhead ratio")
     p.add_argument("--quick", action="store_true", help="tiny problems (a smoke test, not a measurement)")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds after one warm-up round (default 5)")
@@ -101,7 +114,20 @@ def main(argv=None) -> int:
     b.add_argument("--out", type=Path, default=Path("results/benchmarks"))
     args = parser.parse_args(argv)
 
-    if args.command == "solvers":
+    if args.command == "cell":
+        models = cell_bench.DEFAULT_MODELS
+        if args.model:
+            try:
+                models = [(m.split(":")[0], int(m.split(":")[1]), int(m.split(":")[2])) for m in args.model]
+            except (IndexError, ValueError):
+                parser.error(f"--model takes NAME:SIZE:BATCH (e.g. mdeq_small:224:8), got {args.model}")
+        result = cell_bench.run(models, variants=args.variants, modes=args.modes, repeats=args.repeats,
+                                device=args.device, threads=args.threads)
+        paths = cell_bench.save(result, args.out, f"cell_{args.device.split(':')[0]}")
+        print()
+        print(cell_bench.to_markdown(result))
+        print(f"wrote {paths['json']} and {paths['markdown']}")
+    elif args.command == "solvers":
         if args.repeats < 1:
             parser.error("--repeats must be at least 1")
         result = solver_bench.run(quick=args.quick, repeats=args.repeats, tol=args.tol, threads=args.threads)

@@ -37,9 +37,7 @@ class VariationalDropout(nn.Module):
         shape = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
         mask = self.mask
         if mask is None or mask.device != x.device:
-            keep = 1.0 - self.p
-            mask = torch.empty(shape, device=x.device, dtype=torch.float32).bernoulli_(keep).div_(keep)
-            self.mask = mask
+            mask = self.mask = _draw_mask(shape, x.device, self.p)
         elif mask.shape != shape:
             raise ValueError(
                 f"VariationalDropout got an input of shape {tuple(x.shape)} but holds a mask for {tuple(mask.shape)}; "
@@ -49,6 +47,13 @@ class VariationalDropout(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+
+@torch.compiler.disable
+def _draw_mask(shape, device: torch.device, p: float) -> torch.Tensor:
+    """Eagerly, also inside a compiled cell: the same seed gives the same masks compiled or not."""
+    keep = 1.0 - p
+    return torch.empty(shape, device=device, dtype=torch.float32).bernoulli_(keep).div_(keep)
 
 
 def reset_dropout(module: nn.Module) -> None:

@@ -89,6 +89,11 @@ class Trainer(ABC):
         self.model.to(env.device)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        if self.tcfg.get("compile_cell"):
+            if not hasattr(self.model, "compile_cell"):
+                raise ValueError(f"train.compile_cell=true needs an MDEQ model; {type(self.model).__name__} has no "
+                                 "equilibrium cell (use train.compile_cell=false)")
+            self.model.compile_cell()
         self.schedule = build_schedule(cfg, self.model)
 
         batch = int(cfg["data"]["batch_size"])

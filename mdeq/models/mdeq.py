@@ -17,6 +17,7 @@ checkpoints). What differs:
 from __future__ import annotations
 
 from collections import OrderedDict
+from functools import partial
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -68,6 +69,8 @@ class MDEQStage(MDEQCell):
                        **cfg.deq_settings())
         self.jac_probes = 0
         self.stats: Optional[SolverStats] = None
+        self.compile_options: Optional[Dict[str, Any]] = None  # set by compile_cell; None: the eager cell
+        self._compiled_cell = None
 
     def addons(self) -> Dict[str, nn.Module]:
         """The parts trained apart from the MDEQ weights that this model has: {'initializer': ..., 'student': ...}.
@@ -79,10 +82,23 @@ class MDEQStage(MDEQCell):
         # the last forward's stats may hold autograd graphs (jac_loss): not part of a copy (ModelEmaV3, deepcopy)
         state = dict(self.__dict__)
         state["stats"] = None
+        state["_compiled_cell"] = None  # a copy compiles its own cell on first use
         return state
 
+    def compile_cell(self, enable: bool = True, **compile_kwargs: Any) -> None:
+        """Evaluate the cell through ``torch.compile(**compile_kwargs)`` (the solver loop stays eager), or go back
+        to the eager cell. Compiled once per input shape, mode (train / eval) and grad mode, not per iteration;
+        weight norm and the variational-dropout masks (drawn eagerly, so the same seed gives the same masks)
+        work as in eager mode. No weights change: state dicts are the same either way."""
+        self.compile_options = dict(compile_kwargs) if enable else None
+        self._compiled_cell = None
+
     def cell(self, z: List[torch.Tensor], injection: torch.Tensor) -> List[torch.Tensor]:
-        return MDEQCell.forward(self, z, injection)
+        if self.compile_options is None:
+            return MDEQCell.forward(self, z, injection)
+        if self._compiled_cell is None:
+            self._compiled_cell = torch.compile(partial(MDEQCell.forward, self), **self.compile_options)
+        return self._compiled_cell(z, injection)
 
     def initial_state(self, injection: torch.Tensor) -> List[torch.Tensor]:
         """The zero state: one (B, C_i, H / 2^i, W / 2^i) tensor per branch, in the injection's memory format
@@ -191,6 +207,10 @@ class MDEQBackbone(nn.Module):
     def configure_deq(self, **options: Any) -> DEQ:
         """Change the solver settings at run time (``mdeq.core.DEQ`` options, validated; never changes modules)."""
         return self.fullstage.deq.configure(**options)
+
+    def compile_cell(self, enable: bool = True, **compile_kwargs: Any) -> None:
+        """``torch.compile`` the equilibrium cell (not the solver loop); see ``MDEQStage.compile_cell``."""
+        self.fullstage.compile_cell(enable, **compile_kwargs)
 
     def addon_prefixes(self) -> Tuple[str, ...]:
         """State-dict prefixes of the add-ons this model has (``MDEQStage.addons``): the Skip DEQ predictor and

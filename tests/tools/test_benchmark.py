@@ -30,6 +30,20 @@ def test_solver_benchmark_writes_json_and_markdown(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
+def test_cell_benchmark_times_each_variant_against_the_eager_cell(tmp_path):
+    tool = _load_tool()
+    assert tool.main(["cell", "--model", "mdeq_tiny:16:2", "--variants", "channels_last", "bf16", "--repeats", "1",
+                      "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "cell_cpu.json").read_text())["rows"]
+    assert [(r["mode"], r["variant"]) for r in rows] == [
+        (m, v) for m in ("eval", "train") for v in ("eager", "channels_last", "bf16")]
+    for r in rows:
+        assert r["ms"] > 0 and r["speedup"] > 0
+        # float32 layouts compute the same function; bf16 is within its precision
+        assert r["max_rel_diff"] <= (1e-5 if r["variant"] != "bf16" else 5e-2)
+    assert "| mdeq_tiny | 16 x 2 | train | channels_last |" in (tmp_path / "cell_cpu.md").read_text()
+
+
 def test_model_benchmark_reports_every_solver(tmp_path):
     tool = _load_tool()
     assert tool.main(["models", "--model", "mdeq_tiny:32", "--batch", "2", "--repeats", "1", "--max-iter", "4",
