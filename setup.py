@@ -32,10 +32,13 @@ setup(
         "matplotlib",
         "numpy",
     ],
-    extras_require={"dev": ["pytest>=7"]},
+    extras_require={
+        "dev": ["pytest>=7", "onnx", "onnxruntime", "onnxscript"],  # the export tests write and run ONNX files
+        "export": ["onnx", "onnxruntime", "onnxscript"],  # torch.onnx.export (dynamo) needs onnx + onnxscript
+    },
     entry_points={"console_scripts": [
         f"mdeq-{name.replace('_', '-')}=mdeq.cli.{name}:main"
         for name in ("train_cls", "train_seg", "finetune", "eval_cls", "eval_seg", "distill", "publish_weights",
-                     "convert_official", "benchmark")
+                     "convert_official", "benchmark", "export")
     ]},
 )

@@ -48,10 +48,17 @@ def apply_weight_norm(
 
 
 def remove_weight_norm(module: nn.Module) -> List[str]:
-    """Fold the weight norm of every submodule back into a plain ``weight`` parameter."""
+    """Fold the weight norm of every submodule back into a plain ``weight`` parameter.
+
+    Safe on a deep copy (an EMA copy, an export): torch keeps a parametrized weight as a property of a class made
+    for the module, which a deep copy shares, and removing the parametrization deletes that property from the
+    class; each module first gets a class of its own, so the original keeps its weight.
+    """
     changed = []
     for name, sub in list(module.named_modules()):
         if has_weight_norm(sub):
+            cls = type(sub)
+            sub.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
             parametrize.remove_parametrizations(sub, "weight", leave_parametrized=True)
             changed.append(name)
     return changed

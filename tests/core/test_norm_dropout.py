@@ -6,6 +6,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from mdeq.core import DEQ, VariationalDropout, apply_weight_norm, forward_scope, remove_weight_norm
+from mdeq.core.norm import has_weight_norm
 
 
 class ConvCell(nn.Module):
@@ -166,3 +167,14 @@ def test_dropout_refuses_a_state_of_another_shape_within_one_forward():
     drop(torch.randn(2, 3, 4, 4))
     with pytest.raises(ValueError, match="reset_dropout"):
         drop(torch.randn(2, 5, 4, 4))
+
+
+def test_removing_weight_norm_from_a_deep_copy_leaves_the_original_weight_normed():
+    import copy
+
+    conv = nn.Conv2d(3, 4, 3)
+    apply_weight_norm(conv)
+    clone = copy.deepcopy(conv)
+    remove_weight_norm(clone)
+    assert isinstance(clone.weight, nn.Parameter) and has_weight_norm(conv)
+    torch.testing.assert_close(conv.weight, clone.weight)  # the original still computes its weight
