@@ -46,7 +46,8 @@ def _compose(experiment, app="train_cls", *extra):
 
     register_configs()
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return compose(app, overrides=[f"experiment={experiment}", *extra])
+        chosen = "~experiment" if experiment is None else f"experiment={experiment}"
+        return compose(app, overrides=[chosen, *extra])
 
 
 @pytest.mark.parametrize("name", sorted(OFFICIAL))
@@ -157,7 +158,34 @@ def test_imagenet_skip_experiments_are_the_jr_recipe_with_an_initial_guess(init)
     assert c.schedule == jr.schedule and c.optim == jr.optim
 
 
+FAST = {"digits_fast": "digits_tiny", "imagenet_small_fast": "imagenet_small", "cityscapes_small_fast": "cityscapes_small"}
+
+
+@pytest.mark.parametrize("name", sorted(FAST))
+def test_fast_experiments_are_their_base_recipe_with_the_fast_deq_settings(name):
+    app = "train_seg" if name.startswith("cityscapes") else "train_cls"
+    base, c = _compose(FAST[name], app), _compose(name, app)
+    assert c.recipe == name and c.model.kwargs.skip_init is True
+    assert (c.deq.solver, c.deq.max_iter, c.deq.init, c.deq.backward) == ("anderson", 4, "skip", "one_step")
+    assert c.schedule.jac.weight == 1.0 and c.schedule.jac.freq == 0.5
+    assert c.optim == base.optim and c.train.epochs == base.train.epochs and c.data.batch_size == base.data.batch_size
+    if name == "imagenet_small_fast":  # pre-training by fraction instead of the official 510k steps
+        assert (c.schedule.pretrain_steps, c.schedule.pretrain_fraction) == (0, 0.15)
+    else:
+        assert c.schedule.pretrain_steps == base.schedule.pretrain_steps
+
+
+def test_a_run_without_an_experiment_gets_the_mdeq_essentials():
+    c = _compose(None)
+    assert (c.deq.solver, c.deq.max_iter, c.deq.b_max_iter, c.deq.backward) == ("anderson", 8, 8, "ift")
+    assert (c.schedule.pretrain_steps, c.schedule.pretrain_fraction) == (0, 0.15)
+    assert (c.schedule.jac.weight, c.schedule.jac.freq, c.schedule.jac.pretrain_weight) == (1.0, 0.5, 1.0)
+    # the official recipes keep their own schedule (no penalty, pre-training by steps)
+    official = _compose("imagenet_small")
+    assert (official.schedule.pretrain_fraction, official.schedule.jac.weight) == (0.0, 0.0)
+
+
 def test_every_experiment_file_is_covered():
     files = {p.stem for p in (CONFIGS / "experiment").glob("*.yaml")}
-    assert files == set(OFFICIAL) | set(SEG_OFFICIAL) | set(CHEAP) | {
+    assert files == set(OFFICIAL) | set(SEG_OFFICIAL) | set(CHEAP) | set(FAST) | {
         "digits_tiny", "digits_ode", "synthetic_seg", "imagenet_small_skip", "imagenet_small_skip_reg"}

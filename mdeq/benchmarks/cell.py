@@ -5,7 +5,7 @@ packed again. ``eval``: under ``torch.no_grad()`` in eval mode (inference, and e
 ``train``: forward and backward of one application with gradients in train mode, dropout on (the differentiable
 step after the solve, an unrolled pre-training layer; the backward solve's vector-Jacobian products cost about
 the forward). Variants, all on the same weights and state, timed alternately in one process (median of
-``repeats`` rounds after a warm-up, which also compiles):
+``repeats`` rounds after three warm-up calls per variant, which also compile):
 
 * ``eager``: the NCHW eager cell, the path of the original and of earlier versions of this package;
 * ``channels_last``: model and state in channels-last memory format (``model.to(memory_format=...)`` with a
@@ -33,6 +33,7 @@ __all__ = ["VARIANTS", "DEFAULT_MODELS", "run", "to_markdown", "save"]
 VARIANTS = ("eager", "channels_last", "compiled", "channels_last_compiled", "bf16")
 DEFAULT_MODELS = (("mdeq_tiny", 32, 64), ("mdeq_small", 224, 8))
 MODES = ("eval", "train")
+WARMUP = 3
 
 
 def _variant(base, x: torch.Tensor, variant: str, train: bool, device: torch.device):
@@ -99,7 +100,8 @@ def run(models: Sequence[Tuple[str, int, int]] = DEFAULT_MODELS, variants: Seque
             steps, outputs = {}, {}
             for v in variants:
                 steps[v], packer = _variant(base, x, v, train, dev)
-                steps[v]()  # warm-up (compiles)
+                for _ in range(WARMUP):  # compiles; the first calls also fault fresh memory in
+                    steps[v]()
                 outputs[v] = [t.float() for t in packer.unpack(steps[v]())]
             times: Dict[str, List[float]] = {v: [] for v in variants}
             for _ in range(repeats):

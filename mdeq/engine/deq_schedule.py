@@ -3,7 +3,7 @@ Jacobian penalty.
 
 Follows the official classification loop (``cls_function.train``), per optimizer step ``t``:
 
-* ``t < pretrain_steps``: unrolled mode, f applied ``unroll_steps`` times (the official NUM_LAYERS; None: the
+* ``t < pretrain_steps`` (or the first ``pretrain_fraction`` of the run's steps): unrolled mode, f applied ``unroll_steps`` times (the official NUM_LAYERS; None: the
   model's ``num_layers``), Jacobian weight ``jac.pretrain_weight``;
 * afterwards DEQ mode with the run's DEQ settings (config group ``deq``, ``mdeq.core.DEQ`` options);
   Jacobian weight ``jac.weight + 0.1 * ((t - pretrain_steps) // jac.incremental)`` (no increase when
@@ -25,7 +25,7 @@ import numpy as np
 from torch import nn
 
 __all__ = ["JacobianSchedule", "DEQSchedule", "StepPlan", "PRETRAIN", "DEQ_MODE", "SCHEDULE_FIELDS",
-           "schedule_defaults", "deq_changes", "build_schedule"]
+           "schedule_defaults", "deq_changes", "build_schedule", "resolve_pretrain"]
 
 PRETRAIN, DEQ_MODE = "pretrain", "deq"
 
@@ -73,6 +73,7 @@ class DEQSchedule:
     the budget that jitter moves) and the run's seed."""
 
     pretrain_steps: int = 0              # optimizer steps unrolled before DEQ mode (official PRETRAIN_STEPS)
+    pretrain_fraction: float = 0.0       # or this fraction of the run's optimizer steps (when pretrain_steps is 0)
     unroll_steps: Optional[int] = None   # f-applications when unrolled (None: the model's num_layers)
     eval_max_iter: Optional[int] = None  # forward budget at evaluation (None: deq max_iter)
     max_iter_jitter: int = 0             # on Jacobian-penalty steps max_iter += U{-jitter..1} (RAND_F_THRES_DELTA)
@@ -83,6 +84,9 @@ class DEQSchedule:
     def __post_init__(self):
         if self.pretrain_steps < 0 or (self.unroll_steps is not None and self.unroll_steps < 1):
             raise ValueError("schedule.pretrain_steps must be >= 0 and schedule.unroll_steps >= 1 (or null)")
+        if not 0.0 <= self.pretrain_fraction < 1.0:
+            raise ValueError(f"schedule.pretrain_fraction is a fraction of the run's steps in [0, 1), got "
+                             f"{self.pretrain_fraction}")
         if self.eval_max_iter is not None and self.eval_max_iter < 1:
             raise ValueError(f"schedule.eval_max_iter must be >= 1 (or null), got {self.eval_max_iter}")
         if "max_iter" not in self.deq:
@@ -143,7 +147,7 @@ class DEQSchedule:
                     **{f"deq_{k}": v for k, v in self.deq.items()})
 
 
-SCHEDULE_FIELDS = ("pretrain_steps", "unroll_steps", "eval_max_iter", "max_iter_jitter", "jac")
+SCHEDULE_FIELDS = ("pretrain_steps", "pretrain_fraction", "unroll_steps", "eval_max_iter", "max_iter_jitter", "jac")
 
 
 def schedule_defaults() -> Dict[str, Any]:
@@ -157,6 +161,17 @@ def deq_changes(cfg: Mapping[str, Any]) -> Dict[str, Any]:
     """The run config's DEQ settings (group ``deq``) that are set: null leaves the model's own."""
     return {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in dict(cfg.get("deq") or {}).items()
             if v is not None}
+
+
+def resolve_pretrain(cfg: Mapping[str, Any], total_steps: int) -> Dict[str, Any]:
+    """``cfg`` with ``schedule.pretrain_fraction`` turned into ``schedule.pretrain_steps`` for a run of
+    ``total_steps`` optimizer steps (an explicit ``pretrain_steps`` > 0 wins), so that the stored run config
+    names the step at which DEQ mode begins and a checkpoint rebuilds without knowing the data."""
+    s = dict(cfg.get("schedule") or {})
+    fraction = float(s.get("pretrain_fraction") or 0.0)
+    if fraction and not int(s.get("pretrain_steps") or 0):
+        s["pretrain_steps"] = max(1, round(fraction * total_steps))
+    return {**dict(cfg), "schedule": s}
 
 
 def build_schedule(cfg: Mapping[str, Any], model: nn.Module) -> DEQSchedule:

@@ -37,7 +37,7 @@ from ..data.loaders import build_eval_loader, build_train_loader, steps_per_epoc
 from .amp import amp_dtype, autocast_context
 from .checkpoint import load_checkpoint, plain_data, save_atomic
 from .deq_loss import with_corrections, with_regularizers
-from .deq_schedule import PRETRAIN, build_schedule
+from .deq_schedule import PRETRAIN, build_schedule, resolve_pretrain
 from .distributed import DistEnv, all_reduce_sum
 from .precise_bn import PreciseBN
 from .run_logger import RunLogger, write_json_atomic
@@ -94,7 +94,6 @@ class Trainer(ABC):
                 raise ValueError(f"train.compile_cell=true needs an MDEQ model; {type(self.model).__name__} has no "
                                  "equilibrium cell (use train.compile_cell=false)")
             self.model.compile_cell()
-        self.schedule = build_schedule(cfg, self.model)
 
         batch = int(cfg["data"]["batch_size"])
         self.workers = int(cfg["data"].get("workers", 2))
@@ -112,6 +111,9 @@ class Trainer(ABC):
             raise ValueError("an epoch has fewer batches than train.grad_accum_steps")
         self.epochs = int(self.tcfg["epochs"])
         self.max_steps = self.tcfg.get("max_steps")
+        run_steps = self.epochs * self.updates_per_epoch
+        self.cfg = cfg = resolve_pretrain(cfg, min(run_steps, int(self.max_steps)) if self.max_steps else run_steps)
+        self.schedule = build_schedule(cfg, self.model)
 
         # optimisation
         self.optimizer = create_optimizer_v2(self.model, **dict(cfg["optim"]))

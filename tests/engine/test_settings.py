@@ -7,7 +7,7 @@ from hydra import compose, initialize_config_module
 import mdeq  # noqa: F401
 from mdeq.core import DEQ_OPTIONS
 from mdeq.engine.app import CONFIG_MODULE, plain_config, register_configs
-from mdeq.engine.deq_schedule import DEQSchedule, build_schedule, schedule_defaults
+from mdeq.engine.deq_schedule import DEQSchedule, build_schedule, resolve_pretrain, schedule_defaults
 from mdeq.engine.legacy import RENAMED, check_config, check_overrides
 
 from ..tools.conftest import run_tool
@@ -22,20 +22,27 @@ def _compose(*overrides, app="train_cls"):
 def test_the_deq_group_is_the_cores_options_and_null_leaves_the_models_setting():
     cfg = _compose("~experiment", "model=mdeq_small")
     assert set(cfg["deq"]) == set(DEQ_OPTIONS)
-    assert {k: v for k, v in cfg["deq"].items() if v is not None} == dict(
-        solver="anderson", max_iter=18, b_max_iter=20, tol=1e-3, stop_mode="rel", backward="ift", b_solver="anderson")
+    assert {k: v for k, v in cfg["deq"].items() if v is not None} == dict(  # deq/default: the fast budgets
+        solver="anderson", max_iter=8, b_max_iter=8, tol=1e-3, stop_mode="rel", backward="ift", b_solver="anderson")
     model = timm.create_model("mdeq_small", num_classes=10)
+    cfg = resolve_pretrain(cfg, 100)  # ~experiment: unrolled for the first 15% of the run's steps
+    assert cfg["schedule"]["pretrain_steps"] == 15
     schedule = build_schedule(cfg, model)
     o = model.deq.options
-    assert (o["solver"], o["max_iter"], o["b_max_iter"], o["solver_options"]) == ("anderson", 18, 20, {})
+    assert (o["solver"], o["max_iter"], o["b_max_iter"], o["solver_options"]) == ("anderson", 8, 8, {})
     assert o["phantom_steps"] == DEQ_OPTIONS["phantom_steps"].default  # null: the model's own (the default)
     assert schedule.deq["solver"] == "anderson" and schedule.unroll_steps == model.cfg.num_layers
-    schedule.apply(model, schedule.plan(0, 0))  # ~experiment: no pre-training, DEQ mode at once
-    assert model.deq.options["max_iter"] == 18
+    schedule.apply(model, schedule.plan(14, 0))
+    assert model.deq.options["solver"] == "unroll"
+    schedule.apply(model, schedule.plan(15, 0))
+    assert model.deq.options["max_iter"] == 8 and model.deq.options["solver"] == "anderson"
+    # an explicit pretrain_steps wins over the fraction
+    assert resolve_pretrain({**cfg, "schedule": {**cfg["schedule"], "pretrain_steps": 7}}, 100)["schedule"][
+        "pretrain_steps"] == 7
 
 
 def test_the_schedule_group_is_the_schedules_own_names_with_the_codes_defaults():
-    cfg = _compose("~experiment", "data=imagefolder", "data.root=/tmp/x")
+    cfg = _compose("~experiment", "data=imagefolder", "data.root=/tmp/x", "schedule=base")
     defaults = schedule_defaults()
     assert cfg["schedule"] == defaults
     assert DEQSchedule(deq={"max_iter": 1}).pretrain_steps == defaults["pretrain_steps"] == 0
