@@ -90,11 +90,13 @@ def test_deq_mode_iterates_the_same_cell_as_the_unrolled_mode():
 
 def test_preset_settings_and_run_time_configuration():
     model = timm.create_model("mdeq_small")
-    # the official F_THRES 26 / B_THRES 27: the original's Broyden evaluates f at z0, then takes the threshold's
-    # steps; max_iter counts every evaluation (and memory keeps every update)
-    assert model.deq.solver == "broyden" and model.deq.max_iter == 26 + 1 and model.deq.b_max_iter == 27 + 1
-    assert model.deq.solver_options == {"memory": 26} and model.deq.b_solver_options == {"memory": 27}
-    assert model.deq.stop_mode == "abs"
+    # the official budgets F_THRES 26 / B_THRES 27 (the original's Broyden evaluates f at z0, then takes the
+    # threshold's steps; max_iter counts every evaluation) and tolerance, solved by Anderson, the faster solver
+    assert model.deq.solver == "anderson" and model.deq.max_iter == 26 + 1 and model.deq.b_max_iter == 27 + 1
+    assert model.deq.b_solver == "anderson" and model.deq.stop_mode == "abs" and model.deq.tol == 1e-3
+    # the original's Broyden is one option away: its default memory keeps every update, as the original's
+    model.configure_deq(solver="broyden", b_solver="broyden")
+    assert model.deq.solver_options == {} and model.deq.max_iter == 27  # memory None: all (test_solvers)
     tiny = timm.create_model("mdeq_tiny", deq=dict(solver="anderson", max_iter=12, solver_options={}))
     assert tiny.deq.solver == "anderson" and tiny.deq.max_iter == 12 and tiny.deq.stop_mode == "rel"
     tiny.configure_deq(solver="fixed_point", max_iter=3, tol=0.0, solver_options={})

@@ -121,7 +121,7 @@ def test_official_cityscapes_checkpoint_evaluates_through_eval_seg(street, tmp_p
     res = json.loads((out / "eval.json").read_text())
     assert res["arch"] == "mdeq_small" and res["images"] == 4 and res["solver"]["max_iter"] == 2
     assert 1.0 <= res["deq_nstep_mean"] <= 2.0  # the step of the lowest residual (random weights: not contractive)
-    assert res["solver"]["solver"] == "broyden" and res["solver"]["stop_mode"] == "abs"  # the official solver
+    assert res["solver"]["solver"] == "anderson" and res["solver"]["stop_mode"] == "abs"  # the preset's solver
     assert res["miou"] is not None
 
 
