@@ -12,7 +12,11 @@ fixed random batch. Reported per configuration:
 
 DEQ mode uses the Anderson forward solver and the implicit (IFT) gradient with the same budget backward,
 and a tolerance of 0 so every run makes exactly ``max_iter`` iterations; unrolled mode applies the cell
-``max_iter`` times with ordinary autograd. The explicit baseline is timm's ``hrnet_w18_small``.
+``max_iter`` times with ordinary autograd. ``official``: the original's Broyden with the preset's thresholds
+and tolerance (random weights do not converge, so it makes its whole budget). ``fast``: the fast recipe as a
+run composes it (``deq=fast``: the Skip DEQ start, 4 Anderson evaluations, the one-step backward; the Jacobian
+penalty of schedule/default on half of the steps: its step time is the expected one, weighting the medians of
+steps with and without the penalty by ``jac.freq``). The explicit baseline is timm's ``hrnet_w18_small``.
 """
 from __future__ import annotations
 
@@ -32,8 +36,23 @@ BASELINE = "hrnet_w18_small"
 def default_configs(model: str = "mdeq_small", iters: Sequence[int] = (8, 16, 32)) -> List[Dict]:
     cfgs = [dict(model=model, mode="deq", max_iter=k) for k in iters]
     cfgs += [dict(model=model, mode="unroll", max_iter=k) for k in iters]
+    cfgs += [dict(model=model, mode="official", max_iter=0), dict(model=model, mode="fast", max_iter=0)]
     cfgs.append(dict(model=BASELINE, mode="explicit", max_iter=0))
     return cfgs
+
+
+def fast_recipe() -> Dict:
+    """The fast recipe's DEQ settings and Jacobian schedule, read from the configs a run composes
+    (``~experiment deq=fast``: deq/fast.yaml and schedule/default.yaml), so the benchmark measures what users get."""
+    from hydra import compose, initialize_config_module
+
+    from mdeq.engine.app import CONFIG_MODULE, plain_config, register_configs
+    from mdeq.engine.deq_schedule import deq_changes
+
+    register_configs()
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        cfg = plain_config(compose("train_cls", overrides=["~experiment", "deq=fast", "output_dir=unused"]))
+    return dict(deq=deq_changes(cfg), jac=dict(cfg["schedule"]["jac"]))
 
 
 def run_one(model: str, mode: str, max_iter: int, size: int = 224, batch: int = 8, repeats: int = 2,
@@ -49,14 +68,26 @@ def run_one(model: str, mode: str, max_iter: int, size: int = 224, batch: int = 
         torch.set_num_threads(threads)
     dev = torch.device(device)
     torch.manual_seed(0)
-    net = timm.create_model(model, num_classes=1000).to(dev).train()
+    recipe = fast_recipe() if mode == "fast" else None
+    net = timm.create_model(model, num_classes=1000, **({"skip_init": True} if recipe else {})).to(dev).train()
+    jac_weight, jac_freq, jac_probes = 0.0, 0.0, 0
     if mode == "deq":
         net.configure_deq(solver="anderson", max_iter=max_iter, tol=0.0, stop_mode="rel", backward="ift",
                           b_solver="anderson", b_max_iter=max_iter, b_tol=0.0)
     elif mode == "unroll":
         net.configure_deq(solver="unroll", max_iter=max_iter)
+    elif mode == "official":  # the original's Broyden with the preset's thresholds (mdeq_small: 26 / 27)
+        from mdeq.models.config import official_solver
+
+        o = net.deq.options
+        net.configure_deq(**official_solver(o["max_iter"] - 1, o["b_max_iter"] - 1, o["stop_mode"]))
+    elif recipe is not None:  # Skip DEQ start, a small budget, the one-step backward, the Jacobian penalty
+        net.configure_deq(**recipe["deq"])
+        jac_weight, jac_freq, jac_probes = recipe["jac"]["weight"], recipe["jac"]["freq"], recipe["jac"]["probes"]
+    if mode != "explicit":
+        max_iter = max_iter or net.deq.options["max_iter"]
     if compile_cell and mode != "explicit":
-        net.fullstage.cell = torch.compile(net.fullstage.cell)
+        net.compile_cell()
     opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, size, size, generator=gen).to(dev)
@@ -69,13 +100,20 @@ def run_one(model: str, mode: str, max_iter: int, size: int = 224, batch: int = 
         saved[0] += t.numel() * t.element_size()
         return t
 
-    def step(count_saved: bool = False):
+    def step(count_saved: bool = False, jac: bool = False):
         opt.zero_grad(set_to_none=True)
         ctx = torch.autocast(dev.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
         hooks = (torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if count_saved
                  else contextlib.nullcontext())
+        if mode != "explicit":
+            net.jac_probes = jac_probes if jac else 0
         with ctx, hooks:
             loss = torch.nn.functional.cross_entropy(net(x).float(), y)
+            stats = getattr(net, "deq_stats", None)
+            if stats is not None and stats.jac_loss is not None:
+                loss = loss + jac_weight * stats.jac_loss
+            if stats is not None and stats.init_loss is not None:
+                loss = loss + stats.init_loss
         loss.backward()
         opt.step()
 
@@ -88,17 +126,20 @@ def run_one(model: str, mode: str, max_iter: int, size: int = 224, batch: int = 
     sync()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
+    times, jac_times = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t0)
+        for jac, out in ((False, times), (True, jac_times)) if jac_freq else ((False, times),):
+            t0 = time.perf_counter()
+            step(jac=jac)
+            sync()
+            out.append(time.perf_counter() - t0)
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2 ** 20
     else:
         peak = peak_rss_mb() - base_rss
     sec = statistics.median(times)
+    if jac_times:  # the expected step: the penalty is computed on a fraction jac_freq of the steps
+        sec = (1 - jac_freq) * sec + jac_freq * statistics.median(jac_times)
     stats = getattr(net, "deq_stats", None)
     fwd = stats.nfe if stats is not None else 0
     bwd = stats.backward.nfe if stats is not None and stats.backward is not None else 0

@@ -82,6 +82,9 @@ def main(argv=None) -> int:
     p.add_argument("--url", help="HTTPS URL to list as a source")
     p.add_argument("--upload", metavar="REPO_ID", help="upload the folder to this Hub repo (needs network)")
     p.add_argument("--description", default="")
+    p.add_argument("--extra-metrics", type=Path, metavar="JSON",
+                   help="a JSON object of further measurements to record with the run's metrics (e.g. latency and "
+                        "the official setting's numbers from tools/benchmark.py budget); its keys must be new")
     p.add_argument("--catalog", type=Path, help="catalog file to update (default zoo/catalog.json)")
     p.add_argument("--cards", type=Path, help="MODEL_CARDS.md to regenerate (default: the project's)")
     p.add_argument("--cards-only", action="store_true", help="only regenerate MODEL_CARDS.md")
@@ -140,6 +143,18 @@ def main(argv=None) -> int:
                    "deq_nstep_mean": m["deq_nstep_mean"], "deq_rel_residual_mean": m["deq_rel_residual_mean"],
                    "val_images": m["val_count"],
                    "how": f"tools/train_cls.py final validation ({m['val_count']} images, the solver below)"}
+    if args.extra_metrics:
+        try:
+            extra = json.loads(args.extra_metrics.read_text())
+        except (OSError, ValueError) as err:
+            p.error(f"--extra-metrics {args.extra_metrics}: not a readable JSON file ({err})")
+        if not isinstance(extra, dict):
+            p.error(f"--extra-metrics {args.extra_metrics}: expected a JSON object of name: value, got "
+                    f"{type(extra).__name__}")
+        clash = sorted(set(extra) & set(metrics))
+        if clash:
+            p.error(f"--extra-metrics {args.extra_metrics}: {clash} are the run's own metrics; use new names")
+        metrics.update(extra)
     solver = dict(model.deq.options)  # the full DEQ options: models built from the entry use exactly these
     sources = ([{"type": "hf", "repo_id": args.hf_repo, "filename": "model.safetensors"}] if args.hf_repo else []) + (
         [{"type": "url", "url": args.url}] if args.url else [])

@@ -112,6 +112,11 @@ def test_budget_benchmark_trains_evaluates_and_reuses_runs(tmp_path, digits_smal
         assert all(0.0 <= b["top1"] <= 100.0 for b in m["budgets"]) and 0.0 <= m["converged"]["top1"] <= 100.0
         assert m["val_images"] == 30 and m["peak_mb"] > 0 and m["wall_s"] > 0 and m["train_seconds"] >= 0
         assert not m["reused"]
+        assert all(b["ms_per_image_b1"] > 0 and b["ms_per_image_b64"] > 0 for b in m["budgets"]), name
+    # the official setting (the original's Broyden, mdeq_tiny's thresholds) next to the budgets, where it applies
+    official = methods["plain"]["official"]
+    assert official["solver"] == "broyden" and official["max_iter"] == 19 and official["ms_per_image_b1"] > 0
+    assert methods["stack"]["official"] is None and methods["cdeq"]["official"] is None
     assert methods["stack"]["base_solver"] == "unroll" and methods["stack"]["converged"]["deq_nstep_mean"] == 2
     assert methods["cdeq"]["base_solver"] == "consistency"
     assert methods["plain"]["converged"]["max_iter"] == 50 and methods["plain"]["base_solver"] == "anderson"
@@ -122,12 +127,16 @@ def test_budget_benchmark_trains_evaluates_and_reuses_runs(tmp_path, digits_smal
     assert "pretrain_steps" not in methods["stack"]["command"]
     mem = {(r["mode"], r["max_iter"]) for r in result["memory"]["rows"]}
     assert mem == {("deq", 2), ("unroll", 2)}
-    assert set(result["targets"]) == {"cheap_inference", "memory"}  # no jr: its target is not evaluated
+    assert set(result["targets"]) == {"cheap_inference", "memory", "fast_inference"}  # no jr: not evaluated
+    fast = result["targets"]["fast_inference"]
+    if fast["point"] is not None:
+        assert fast["speedup"] == round(official["ms_per_image_b1"] / fast["point"]["ms"], 1)
     table = (tmp_path / "budget.md").read_text()
     assert "| method | recipe | top-1 @1 | top-1 @2 | converged (mean steps) | train s | process s | " in table
     for label in ("plain DEQ", "Skip DEQ", "residual stack", "C-DEQ (from plain)"):
         assert f"| {label} | " in table
     assert "Targets" in table and "JR with half the f-evaluations: not evaluated" in table
+    assert "| method | @1 ms b1 / b64 | @2 ms b1 / b64 | official: top-1, steps, ms b1 / b64 |" in table
     assert (tmp_path / "budget.png").stat().st_size > 0
 
     runs = tmp_path / "budget_runs"
@@ -137,7 +146,8 @@ def test_budget_benchmark_trains_evaluates_and_reuses_runs(tmp_path, digits_smal
     assert all(m["reused"] for m in again["methods"].values())
     assert {n: (runs / n / "metrics.json").stat().st_mtime_ns for n in methods} == stamps
     for name, m in again["methods"].items():  # the recorded training numbers come back with the same evaluation
-        assert m["peak_mb"] == methods[name]["peak_mb"] and m["budgets"] == methods[name]["budgets"]
+        assert m["peak_mb"] == methods[name]["peak_mb"]
+        assert [(b["top1"], b["nfe"]) for b in m["budgets"]] == [(b["top1"], b["nfe"]) for b in methods[name]["budgets"]]
     assert again["memory"] is None and "not measured" in (tmp_path / "budget.md").read_text()
     assert "(reused)" in (tmp_path / "budget.md").read_text()
     # an edited recipe is not reused: the run's saved config no longer matches what the command composes

@@ -22,8 +22,11 @@ def test_publish_then_load_from_the_folder_and_over_http(trained_run, tmp_path, 
     server = FileServer({})
     try:
         url = server.url("/mdeq_tiny_testrun.safetensors")
+        extra = tmp_path / "latency.json"
+        extra.write_text(json.dumps({"ms_per_image_b1": 1.25, "official_top1": 97.5}))
         proc = run_tool("publish_weights.py", [str(ckpt), "--name", "mdeq_tiny.testrun", "--url", url, "--out",
-                                               str(out), "--catalog", str(catalog), "--cards", str(cards)],
+                                               str(out), "--catalog", str(catalog), "--cards", str(cards),
+                                               "--extra-metrics", str(extra)],
                         cwd=tmp_path)
         assert "published mdeq_tiny.testrun" in proc.stdout
         weights = load_file(str(out / "model.safetensors"))
@@ -36,7 +39,9 @@ def test_publish_then_load_from_the_folder_and_over_http(trained_run, tmp_path, 
         metrics = json.loads((run_dir / "metrics.json").read_text())
         assert entry["metrics"]["val_top1"] == metrics["val_top1"] and entry["metrics_source"] == "measured"
         assert entry["sources"] == [{"type": "url", "url": url}] and entry["stats"]["params_m"] > 0.1
+        assert entry["metrics"]["ms_per_image_b1"] == 1.25 and entry["metrics"]["official_top1"] == 97.5
         card = (out / "README.md").read_text()
+        assert "ms_per_image_b1" in card
         assert card.startswith("---\ntags: [image-classification, timm") and entry["sha256"] in card
         assert "## mdeq_tiny.testrun" in cards.read_text()
 
@@ -56,6 +61,18 @@ def test_publish_then_load_from_the_folder_and_over_http(trained_run, tmp_path, 
             assert torch.equal(remote(x)[-1], local.forward_intermediates(x, intermediates_only=True)[-1])
     finally:
         server.stop()
+
+
+def test_publish_refuses_extra_metrics_that_are_not_a_json_object_or_clash(trained_run, tmp_path):
+    run_dir, _ = trained_run
+    for content, message in (("[1, 2]", "expected a JSON object"), ("{not json", "not a readable JSON file"),
+                             ('{"val_top1": 1.0}', "the run's own metrics")):
+        (tmp_path / "m.json").write_text(content)
+        proc = run_tool("publish_weights.py", [str(run_dir / "checkpoints" / "last.pth"), "--name", "mdeq_tiny.x",
+                                               "--url", "https://example.org/x", "--out", str(tmp_path / "o"),
+                                               "--catalog", str(tmp_path / "c.json"), "--extra-metrics",
+                                               str(tmp_path / "m.json")], cwd=tmp_path, check=False)
+        assert proc.returncode != 0 and message in proc.stderr, proc.stderr
 
 
 def test_publish_needs_a_source(trained_run, tmp_path):

@@ -1,9 +1,17 @@
-"""Evaluating one method of the budget benchmark: top-1 with exactly k f-evaluations per forward (the
-solver's declared fixed budget, ``mdeq.core.budget_options``), and at convergence."""
+"""Evaluating one method of the budget benchmark: top-1 and latency with exactly k f-evaluations per forward
+(the solver's declared fixed budget, ``mdeq.core.budget_options``), at convergence, and at the preset's official
+solver setting (the original's Broyden with its thresholds and tolerance).
+
+Latency: milliseconds per image of an eval forward at batch 1 (the first val image) and at batch 64 (the
+first 64), median of ``LATENCY_REPEATS`` after two warm-up forwards, in this process's threads."""
 from __future__ import annotations
 
+import statistics
+import time
 from pathlib import Path
 from typing import Dict, Optional, Sequence
+
+import torch
 
 from ...core import budget_options, solver_spec
 from ...data.classification import build_transform, resolve_data_cfg
@@ -12,11 +20,32 @@ from ...data.loaders import build_eval_loader
 from ...engine.distributed import DistEnv
 from ...engine.evaluate import evaluate_classifier
 from ...engine.rebuild import model_from_checkpoint
+from ...models.config import official_solver
 
-__all__ = ["DEFAULT_EVALS", "CONVERGE_MAX_ITER", "CONVERGE_TOL", "evaluate_method"]
+__all__ = ["DEFAULT_EVALS", "CONVERGE_MAX_ITER", "CONVERGE_TOL", "OFFICIAL_THRESHOLDS", "LATENCY_BATCHES",
+           "evaluate_method", "latency_ms"]
 
 DEFAULT_EVALS = (1, 2, 4, 8, 16)
 CONVERGE_MAX_ITER, CONVERGE_TOL = 50, 1e-4
+OFFICIAL_THRESHOLDS = (18, 20, "rel")  # mdeq_tiny's official Broyden (cls_mdeq_TINY.yaml: F_THRES, B_THRES, stop)
+LATENCY_BATCHES, LATENCY_REPEATS = (1, 64), 5
+
+
+@torch.no_grad()
+def latency_ms(model, images: torch.Tensor, repeats: int = LATENCY_REPEATS) -> float:
+    """Milliseconds per image of an eval forward of ``images`` (median of ``repeats`` after two warm-ups)."""
+    times = []
+    for i in range(repeats + 2):
+        t0 = time.perf_counter()
+        model(images)
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    return round(statistics.median(times) * 1e3 / images.shape[0], 3)
+
+
+def _latency_images(loader, device) -> Dict[int, torch.Tensor]:
+    images = torch.cat([batch[0] for batch, _ in zip(loader, range(max(LATENCY_BATCHES)))])
+    return {b: images[:b].to(device) for b in LATENCY_BATCHES if b <= images.shape[0]}
 
 
 def _val_loader(loaded, batch_size: Optional[int] = None):
@@ -36,13 +65,24 @@ def evaluate_method(checkpoint: Path, evals: Sequence[int] = DEFAULT_EVALS, env=
     model = loaded.model.to(env.device).eval()
     base = dict(model.deq.options)
     loader, data_cfg = _val_loader(loaded)
+    timing = _latency_images(loader, env.device)
+
+    def latency() -> Dict[str, float]:
+        return {f"ms_per_image_b{b}": latency_ms(model, x) for b, x in timing.items()}
+
     rows = []
     for k in evals:
         model.configure_deq(**{**base, **budget_options(base, int(k))})
         res = evaluate_classifier(model, loader, env, progress=False)
         nfe = int(model.deq_stats.nfe)
         rows.append(dict(evals=int(k), nfe=nfe, exact=nfe == int(k), top1=round(res.top1, 2), top5=round(res.top5, 2),
-                         solver=model.deq.options["solver"]))
+                         solver=model.deq.options["solver"], **latency()))
+    official = None
+    if solver_spec(base["solver"]).stops_at_tol:  # the original's Broyden from this method's start
+        model.configure_deq(**{**base, **official_solver(*OFFICIAL_THRESHOLDS), "final_step": False})
+        res = evaluate_classifier(model, loader, env, progress=False)
+        official = dict(top1=round(res.top1, 2), deq_nstep_mean=round(res.deq_nstep_mean, 2),
+                        max_iter=int(model.deq.options["max_iter"]), solver="broyden", **latency())
     spec = solver_spec(base["solver"])
     if not spec.stops_at_tol:  # the stack at its own depth; C-DEQ's student at its own steps
         conv_options = dict(base)
@@ -55,6 +95,6 @@ def evaluate_method(checkpoint: Path, evals: Sequence[int] = DEFAULT_EVALS, env=
                      fevals_mean=round(res.deq_nstep_mean + extra, 2), rel_residual_mean=res.deq_rel_residual_mean,
                      nfe_last_batch=int(model.deq_stats.nfe), solver=conv_options["solver"],
                      max_iter=int(conv_options["max_iter"]), tol=conv_options["tol"])
-    return dict(budgets=rows, converged=converged, val_images=res.count, base_solver=base["solver"],
+    return dict(budgets=rows, converged=converged, official=official, val_images=res.count, base_solver=base["solver"],
                 input_size=list(data_cfg["input_size"]), batch_size=int(loaded.config["data"]["batch_size"]),
                 data=loaded.config["data"].get("name"))

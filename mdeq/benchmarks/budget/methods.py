@@ -30,6 +30,7 @@ METHODS: Dict[str, Method] = {m.name: m for m in (
     Method("skip_reg", "Skip Reg. DEQ", "digits_skip_reg"),
     Method("ode", "continuous DEQ", "digits_ode"),
     Method("stack", "residual stack", "digits_stack"),
+    Method("fast", "fast recipe (Skip + JR, one-step)", "digits_fast"),
     Method("cdeq", "C-DEQ (from plain)", None),
 )}
 
