@@ -167,7 +167,7 @@ def test_fast_experiments_are_their_base_recipe_with_the_fast_deq_settings(name)
     base, c = _compose(FAST[name], app), _compose(name, app)
     assert c.recipe == name and c.model.kwargs.skip_init is True
     assert (c.deq.solver, c.deq.max_iter, c.deq.init, c.deq.backward) == ("anderson", 4, "skip", "one_step")
-    assert c.schedule.jac.weight == 1.0 and c.schedule.jac.freq == 0.5
+    assert (c.schedule.jac.weight, c.schedule.jac.freq, c.schedule.jac.probes) == (1.0, 0.25, 1)
     assert c.optim == base.optim and c.train.epochs == base.train.epochs and c.data.batch_size == base.data.batch_size
     if name == "imagenet_small_fast":  # pre-training by fraction instead of the official 510k steps
         assert (c.schedule.pretrain_steps, c.schedule.pretrain_fraction) == (0, 0.15)

@@ -2,12 +2,14 @@
 
     python tools/publish_weights.py outputs/train_cls/<run>/checkpoints/last.pth --name mdeq_tiny.digits --ship
     python tools/publish_weights.py CKPT --name mdeq_small.in1k --ema --url https://.../file --upload org/mdeq_small.in1k
+    python tools/publish_weights.py CKPT --name mdeq_tiny.digits_fast --budget 1 --extra-metrics latency.json --ship
     python tools/publish_weights.py --cards-only           # regenerate MODEL_CARDS.md from the catalog
 
 The training checkpoint is stripped to the model's weights (``--ema``: its EMA weights), loaded strictly into a
 freshly built model, and saved as ``model.safetensors`` with timm's ``config.json`` and a model card
 ``README.md`` in ``--out`` (default ``published/<name>``). The catalog entry records sha256, size, the run's
-metrics (from the run's metrics.json), its solver settings and recipe; ``--ship`` puts the file inside the
+metrics (from the run's metrics.json; with ``--budget K`` measured at exactly K f-evaluations, which become the
+entry's solver setting), its solver settings and recipe; ``--ship`` puts the file inside the
 package (small weights only), ``--hf-repo``/``--url`` add download sources, ``--upload`` pushes the folder.
 """
 import argparse
@@ -71,6 +73,25 @@ def refresh_stats(catalog_path=None) -> None:
     save_catalog(catalog, catalog_path)
 
 
+def measure_at_budget(checkpoint, model, k: int, ema: bool) -> dict:
+    """Configure ``model`` for exactly ``k`` f-evaluations and measure it on the run's val split (eval_cls's job)."""
+    import tempfile
+
+    from mdeq.core import budget_options
+    from mdeq.engine.classification_eval import evaluate_classification_source
+    from mdeq.engine.distributed import DistEnv
+
+    changes = budget_options(model.deq.options, k)
+    model.configure_deq(**changes)
+    with tempfile.TemporaryDirectory() as tmp:
+        res = evaluate_classification_source(str(checkpoint), DistEnv(), Path(tmp), use_ema=ema,
+                                             solver_changes=changes, workers=0, progress=False, say=lambda *a: None)
+    return {"val_top1": res["top1"], "val_top5": res["top5"], "deq_nstep_mean": res["deq_nstep_mean"],
+            "deq_rel_residual_mean": res["deq_rel_residual_mean"], "val_images": res["images"], "f_evaluations": k,
+            "how": f"tools/eval_cls.py on the run's val split ({res['images']} images) at exactly {k} "
+                   f"f-evaluation{'s' if k != 1 else ''} per image (the solver below)"}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("checkpoint", nargs="?", help="training checkpoint (checkpoints/last.pth or best.pth)")
@@ -82,6 +103,9 @@ def main(argv=None) -> int:
     p.add_argument("--url", help="HTTPS URL to list as a source")
     p.add_argument("--upload", metavar="REPO_ID", help="upload the folder to this Hub repo (needs network)")
     p.add_argument("--description", default="")
+    p.add_argument("--budget", type=int, metavar="K",
+                   help="publish the operating point of exactly K f-evaluations: the entry's solver is the run's at K "
+                        "(mdeq.core.budget_options), and its metrics are measured at K on the run's val split")
     p.add_argument("--extra-metrics", type=Path, metavar="JSON",
                    help="a JSON object of further measurements to record with the run's metrics (e.g. latency and "
                         "the official setting's numbers from tools/benchmark.py budget); its keys must be new")
@@ -122,6 +146,9 @@ def main(argv=None) -> int:
         p.error("the checkpoint has no EMA weights")
     # what we publish loads strictly, in the run's evaluation settings
     model = model_from_checkpoint(ckpt, use_ema=args.ema, where=str(args.checkpoint)).model
+    if args.budget is not None and args.budget < 1:
+        p.error(f"--budget is a number of f-evaluations >= 1, got {args.budget}")
+    budget_metrics = measure_at_budget(args.checkpoint, model, args.budget, args.ema) if args.budget else None
     data_cfg = dict(ckpt["data_cfg"])
     out = args.out or Path("published") / args.name
     out.mkdir(parents=True, exist_ok=True)
@@ -143,6 +170,8 @@ def main(argv=None) -> int:
                    "deq_nstep_mean": m["deq_nstep_mean"], "deq_rel_residual_mean": m["deq_rel_residual_mean"],
                    "val_images": m["val_count"],
                    "how": f"tools/train_cls.py final validation ({m['val_count']} images, the solver below)"}
+    if budget_metrics is not None:
+        metrics = budget_metrics
     if args.extra_metrics:
         try:
             extra = json.loads(args.extra_metrics.read_text())

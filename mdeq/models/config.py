@@ -131,8 +131,8 @@ def preset_solver(f_thres: int, b_thres: int, stop_mode: str) -> Dict[str, Any]:
 
     A converged solve does not depend on the solver, and on trained weights Anderson reaches the official
     tolerance in fewer f-evaluations and less time than the original's Broyden (README, "Cheap MDEQs"), which
-    stays one option away: ``configure_deq(solver="broyden", b_solver="broyden")`` (Broyden keeps every update
-    by default, as the original) or ``official_solver`` below, what the official weights' catalog entries use.
+    stays one call away: ``configure_deq(**official_solver(F_THRES, B_THRES, stop_mode))`` (``deq=broyden`` with
+    the thresholds' memory in the training configs), what the official weights' catalog entries use.
     """
     return dict(solver="anderson", max_iter=f_thres + 1, tol=1e-3, stop_mode=stop_mode, b_solver="anderson",
                 b_max_iter=b_thres + 1)

@@ -8,6 +8,7 @@ import torch
 import mdeq
 from mdeq.core.state import is_channels_last
 from mdeq.models import CLS_PRESETS, MDEQConfig, create_segmentation_model, to_official_state_dict
+from mdeq.models.config import official_solver
 from tests.models import official_reference as ref
 
 KEYS = Path(__file__).resolve().parent / "official_keys"  # copies of shared/official_mdeq/keys_*.json
@@ -94,9 +95,10 @@ def test_preset_settings_and_run_time_configuration():
     # threshold's steps; max_iter counts every evaluation) and tolerance, solved by Anderson, the faster solver
     assert model.deq.solver == "anderson" and model.deq.max_iter == 26 + 1 and model.deq.b_max_iter == 27 + 1
     assert model.deq.b_solver == "anderson" and model.deq.stop_mode == "abs" and model.deq.tol == 1e-3
-    # the original's Broyden is one option away: its default memory keeps every update, as the original's
-    model.configure_deq(solver="broyden", b_solver="broyden")
-    assert model.deq.solver_options == {} and model.deq.max_iter == 27  # memory None: all (test_solvers)
+    # the original's Broyden (memory = threshold) is one call away; the catalog's official entries carry it
+    model.configure_deq(**official_solver(26, 27, "abs"))
+    assert model.deq.solver == "broyden" and model.deq.solver_options == {"memory": 26}
+    assert (model.deq.max_iter, model.deq.b_max_iter, model.deq.b_solver_options) == (27, 28, {"memory": 27})
     tiny = timm.create_model("mdeq_tiny", deq=dict(solver="anderson", max_iter=12, solver_options={}))
     assert tiny.deq.solver == "anderson" and tiny.deq.max_iter == 12 and tiny.deq.stop_mode == "rel"
     tiny.configure_deq(solver="fixed_point", max_iter=3, tol=0.0, solver_options={})

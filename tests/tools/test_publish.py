@@ -63,6 +63,21 @@ def test_publish_then_load_from_the_folder_and_over_http(trained_run, tmp_path, 
         server.stop()
 
 
+def test_publish_an_operating_point_of_k_f_evaluations(trained_run, tmp_path):
+    run_dir, _ = trained_run
+    catalog = tmp_path / "catalog.json"
+    run_tool("publish_weights.py", [str(run_dir / "checkpoints" / "last.pth"), "--name", "mdeq_tiny.k2", "--budget",
+                                    "2", "--url", "https://example.org/k2", "--out", str(tmp_path / "o"),
+                                    "--catalog", str(catalog), "--cards", str(tmp_path / "CARDS.md")], cwd=tmp_path)
+    entry = load_catalog(catalog, overlay="")["mdeq_tiny.k2"]
+    # the entry's default solver makes exactly 2 evaluations, and its metrics were measured so
+    assert (entry["solver"]["max_iter"], entry["solver"]["tol"]) == (2, 0.0)
+    assert entry["metrics"]["f_evaluations"] == 2 and entry["metrics"]["deq_nstep_mean"] <= 2
+    assert "at exactly 2 f-evaluations" in entry["metrics"]["how"]
+    config = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert config["model_args"]["deq"]["max_iter"] == 2  # a local-dir: load uses the same operating point
+
+
 def test_publish_refuses_extra_metrics_that_are_not_a_json_object_or_clash(trained_run, tmp_path):
     run_dir, _ = trained_run
     for content, message in (("[1, 2]", "expected a JSON object"), ("{not json", "not a readable JSON file"),

@@ -1,25 +1,24 @@
 """Limited-memory "good" Broyden, solver ``"broyden"`` (the original MDEQ's solver)."""
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
-from ..options import Option, optional, positive_int
+from ..options import Option, positive_int
 from ..state import State
 from .bookkeeping import Progress, Record, flatten
 from .registry import register_solver
 
 __all__ = ["broyden"]
 
-MEMORY = Option(None, optional(positive_int), "rank-one updates kept (None: every one, max_iter - 1, as the "
-                "original, whose memory is its threshold); when full, the inverse Jacobian restarts from -I")
+MEMORY = Option(20, positive_int, "rank-one updates kept; when full, the inverse Jacobian restarts from -I (the "
+                "original keeps its threshold's worth: mdeq.models.official_solver sets that)")
 
 
 @register_solver("broyden", options={"memory": MEMORY})
 @torch.no_grad()
-def broyden(f: Callable[[State], State], z0: State, *, max_iter: int, tol: float, stop_mode: str,
-            memory: Optional[int],
+def broyden(f: Callable[[State], State], z0: State, *, max_iter: int, tol: float, stop_mode: str, memory: int,
             trace: bool, divergence_factor: float, record: Record, return_f: bool):
     """Limited-memory "good" Broyden on g(z) = f(z) - z, per sample.
 
@@ -30,13 +29,11 @@ def broyden(f: Callable[[State], State], z0: State, *, max_iter: int, tol: float
     An update whose denominator vanishes or is not finite is skipped for that sample. No line search.
 
     ``max_iter`` counts every evaluation of f, the one at z0 included: the original's Broyden with threshold T
-    evaluates f at z0 and then takes T steps, i.e. ``max_iter = T + 1``; the default memory keeps every update, as
-    the original's (memory = T).
+    evaluates f at z0 and then takes T steps, i.e. ``max_iter = T + 1`` (and ``memory = T`` keeps every update).
     Stops per sample as described in ``mdeq.core.solvers``; returns (z, SolverStats).
     """
     f_flat, x, packer, dtype = flatten(f, z0)
     b, d = x.shape
-    memory = memory or max(max_iter - 1, 1)
     progress = Progress(x, tol, stop_mode, trace, divergence_factor, record, return_f)
     U = x.new_empty(b, memory, d)  # update i is rows U[:, i], V[:, i]; only the first n are in use
     V = x.new_empty(b, memory, d)
