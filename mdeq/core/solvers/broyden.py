@@ -50,29 +50,24 @@ def broyden(f: Callable[[State], State], z0: State, *, max_iter: int, tol: float
         for _ in range(1, max_iter):
             x = x + dx
             fx = f_flat(x)
-            g = fx - x
+            g, g_old = fx - x, g
             if progress.observe(x, fx, g):
                 break
-            # One product with H and one with H^T per step. With Hg = H g_new, the secant update needs
-            # H dg = Hg + dx (the last step was dx = -H g_old), so u = (dx - H dg) / <dx, H dg> = -Hg / denom,
-            # v = H^T dx, and the next step -(H + u v^T) g_new = -Hg * <dx, dx> / denom (<v, g_new> = <dx, Hg>).
-            hg = low_rank(V, U, g).sub_(g) if n else -g
+            # One product with H and one with H^T per step (the textbook method makes three): H dg is computed
+            # from dg itself (as a difference H g - H g_old it would cancel in float32 on slow problems), and the
+            # next step -(H + u v^T) g = dx - H dg - u <v, g> reuses it, since H g = H g_old + H dg = H dg - dx.
+            dg = g - g_old
+            hdg = low_rank(V, U, dg).sub_(dg) if n else -dg
             v = low_rank(U, V, dx).sub_(dx) if n else -dx
-            a = torch.linalg.vecdot(dx, hg)  # <dx, Hg>
-            dd = torch.linalg.vecdot(dx, dx)
-            denom = a + dd
+            denom = torch.linalg.vecdot(dx, hdg)
             ok = torch.isfinite(denom) & (denom.abs() > 1e-30)  # else: skip this sample's update
-            scale = torch.where(ok, -1.0 / torch.where(ok, denom, torch.ones_like(denom)), torch.zeros_like(denom))
-            if n == memory:  # memory full: restart from H = -I (dropping old updates one by one is unstable)
+            scale = torch.where(ok, 1.0 / torch.where(ok, denom, torch.ones_like(denom)), torch.zeros_like(denom))
+            restart = n == memory  # memory full: restart from H = -I (dropping old updates one by one is unstable)
+            if restart:
                 n = 0
-                restarted = True
-            else:
-                restarted = False
-            torch.mul(hg, scale[:, None], out=U[:, n])
-            torch.where(ok[:, None], v, torch.zeros_like(v[:1]), out=V[:, n])  # a skipped v may be non-finite
+            u = torch.mul(torch.sub(dx, hdg), scale[:, None], out=U[:, n])
+            v = torch.where(ok[:, None], v, torch.zeros_like(v[:1]), out=V[:, n])  # a skipped v may be non-finite
             n += 1
-            if restarted:  # H' = -I + u v^T: -H' g = g - u <v, g>
-                dx = torch.addcmul(g, U[:, n - 1], torch.where(ok, -a, torch.zeros_like(a))[:, None])
-            else:  # -(H + u v^T) g = -Hg * (1 + scale <dx, Hg>), = -Hg * <dx, dx> / denom where the update was made
-                dx = hg * torch.where(ok, -dd * -scale, -torch.ones_like(dd))[:, None]
+            ug = u * torch.linalg.vecdot(v, g)[:, None]
+            dx = g - ug if restart else (dx - hdg).sub_(ug)  # -(-I + u v^T) g, or -(H + u v^T) g
     return progress.finish("broyden", packer, dtype)
