@@ -18,7 +18,7 @@ from mdeq.engine.seg_inference import SegInference, evaluate_segmentation, pad_t
 from .test_seg_metrics import PRED, START_METHOD, TARGET
 
 TINY = dict(num_channels=(8, 16, 32, 64), num_groups=4, expansion_factor=2, num_layers=1,
-            deq=dict(max_iter=4, solver_options=dict(memory=4)))
+            deq=dict(solver="broyden", max_iter=4, solver_options=dict(memory=4)))
 
 
 @pytest.fixture(scope="module")

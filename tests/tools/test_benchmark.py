@@ -61,7 +61,10 @@ def test_training_benchmark_deq_memory_is_flat_and_unroll_grows(tmp_path):
                       "--repeats", "1", "--no-baseline", "--threads", "1", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "training_cpu.json").read_text())
     rows = {(r["mode"], r["max_iter"]): r for r in result["rows"]}
-    assert set(rows) == {("deq", 2), ("deq", 6), ("unroll", 2), ("unroll", 6)}
+    # the budgets asked for, the original's Broyden (mdeq_tiny: F_THRES 18) and the fast recipe (4 evaluations)
+    assert set(rows) == {("deq", 2), ("deq", 6), ("unroll", 2), ("unroll", 6), ("official", 19), ("fast", 4)}
+    assert rows[("official", 19)]["fwd_nfe"] <= 19 and rows[("official", 19)]["bwd_nfe"] <= 21
+    assert rows[("fast", 4)]["fwd_nfe"] == 4 and rows[("fast", 4)]["bwd_nfe"] == 0  # the one-step backward
     # what autograd keeps for backward: independent of the solver budget in DEQ mode ...
     assert rows[("deq", 2)]["saved_mb"] == rows[("deq", 6)]["saved_mb"] > 0
     # ... and linear in depth when unrolled: 4 more cell applications cost 2x what 2 steps' worth adds over 0
@@ -80,15 +83,15 @@ def test_segmentation_benchmark_reports_deq_and_unrolled_per_size(tmp_path, caps
     rows = {(r["input"], r["mode"]): r for r in result["rows"]}
     assert set(rows) == {("64x128", "deq"), ("64x128", "unroll")}
     deq, unroll = rows[("64x128", "deq")], rows[("64x128", "unroll")]
-    # tol 0: the preset's Broyden makes the full budget; unrolled: exactly the given depth
-    assert deq["solver"] == "broyden" and deq["max_iter"] == deq["nfe"] == 3
+    # tol 0: the preset's solver makes the full budget; unrolled: exactly the given depth
+    assert deq["solver"] == "anderson" and deq["max_iter"] == deq["nfe"] == 3
     assert unroll["solver"] == "unroll" and unroll["max_iter"] == unroll["nfe"] == unroll["mean_nstep"] == 2
     for r in result["rows"]:
         assert r["model"] == "mdeq_small" and r["device"] == "cpu" and r["batch"] == 1
         assert r["forward_ms"] > 0 and r["peak_mb"] > 0 and r["rel_residual"] > 0
         assert r["output"] == [1, 19, 16, 32]  # logits at 1/4 resolution
     table = (tmp_path / "seg_cpu.md").read_text()
-    assert "| mdeq_small | 64x128 | deq | broyden | 3 | " in table
+    assert "| mdeq_small | 64x128 | deq | anderson | 3 | " in table
     assert "| mdeq_small | 64x128 | unroll | unroll | 2 | " in table
     assert "Random weights" in table and "wrote" in capsys.readouterr().out
 

@@ -66,6 +66,7 @@ def test_publish_then_load_from_the_folder_and_over_http(trained_run, tmp_path, 
 def test_publish_an_operating_point_of_k_f_evaluations(trained_run, tmp_path):
     run_dir, _ = trained_run
     catalog = tmp_path / "catalog.json"
+    catalog.write_text("{}")
     run_tool("publish_weights.py", [str(run_dir / "checkpoints" / "last.pth"), "--name", "mdeq_tiny.k2", "--budget",
                                     "2", "--url", "https://example.org/k2", "--out", str(tmp_path / "o"),
                                     "--catalog", str(catalog), "--cards", str(tmp_path / "CARDS.md")], cwd=tmp_path)

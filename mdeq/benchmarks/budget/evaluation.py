@@ -44,8 +44,15 @@ def latency_ms(model, images: torch.Tensor, repeats: int = LATENCY_REPEATS) -> f
 
 
 def _latency_images(loader, device) -> Dict[int, torch.Tensor]:
-    images = torch.cat([batch[0] for batch, _ in zip(loader, range(max(LATENCY_BATCHES)))])
-    return {b: images[:b].to(device) for b in LATENCY_BATCHES if b <= images.shape[0]}
+    """The first val images for each latency batch (repeated when the split is smaller than the batch)."""
+    need, parts = max(LATENCY_BATCHES), []
+    for batch in loader:
+        parts.append(batch[0])
+        if sum(p.shape[0] for p in parts) >= need:
+            break
+    images = torch.cat(parts)
+    images = images.repeat(-(-need // images.shape[0]), 1, 1, 1)
+    return {b: images[:b].to(device) for b in LATENCY_BATCHES}
 
 
 def _val_loader(loaded, batch_size: Optional[int] = None):
