@@ -158,7 +158,8 @@ def test_imagenet_skip_experiments_are_the_jr_recipe_with_an_initial_guess(init)
     assert c.schedule == jr.schedule and c.optim == jr.optim
 
 
-FAST = {"digits_fast": "digits_tiny", "imagenet_small_fast": "imagenet_small", "cityscapes_small_fast": "cityscapes_small"}
+FAST = {"digits_fast": "digits_tiny", "imagenet_small_fast": "imagenet_small",
+        "cityscapes_small_fast": "cityscapes_small"}
 
 
 @pytest.mark.parametrize("name", sorted(FAST))

@@ -13,10 +13,11 @@ of a fixed random image. Reported per configuration:
   process's peak resident set (VmHWM) over its size just before the warm-up forward.
 
 DEQ mode uses the preset's solver settings (Anderson at the official budget, tolerance and stop mode; a
-Broyden setting with memory keeps every update); ``max_iter`` and ``tol`` override the budget and the tolerance (``tol=0`` runs the
-full budget). Unrolled mode applies the cell ``num_layers`` times (the preset's official unrolled depth) or
-``unroll_steps`` times. With random weights the cell is not contractive, so the solver's steps and residuals
-show its budget, not the convergence of a trained model: pass a Cityscapes checkpoint for that.
+Broyden setting with memory keeps every update); ``max_iter`` and ``tol`` override the budget and the
+tolerance (``tol=0`` runs the full budget). Unrolled mode applies the cell ``num_layers`` times (the preset's
+official unrolled depth) or ``unroll_steps`` times. With random weights the cell is not contractive, so the
+solver's steps and residuals show its budget, not the convergence of a trained model: pass a Cityscapes
+checkpoint for that.
 """
 from __future__ import annotations
 

@@ -16,7 +16,8 @@ and a tolerance of 0 so every run makes exactly ``max_iter`` iterations; unrolle
 and tolerance (random weights do not converge, so it makes its whole budget). ``fast``: the fast recipe as a
 run composes it (``experiment=imagenet_small_fast``: the Skip DEQ start, 4 Anderson evaluations, the one-step
 backward, the Jacobian penalty with one probe on a quarter of the steps: its step time is the expected one,
-weighting the medians of steps with and without the penalty by ``jac.freq``). The explicit baseline is timm's ``hrnet_w18_small``.
+weighting the medians of steps with and without the penalty by ``jac.freq``). The explicit baseline is timm's
+``hrnet_w18_small``.
 """
 from __future__ import annotations
 

@@ -3,8 +3,9 @@ Jacobian penalty.
 
 Follows the official classification loop (``cls_function.train``), per optimizer step ``t``:
 
-* ``t < pretrain_steps`` (or the first ``pretrain_fraction`` of the run's steps): unrolled mode, f applied ``unroll_steps`` times (the official NUM_LAYERS; None: the
-  model's ``num_layers``), Jacobian weight ``jac.pretrain_weight``;
+* ``t < pretrain_steps`` (or the first ``pretrain_fraction`` of the run's steps, ``resolve_pretrain``): unrolled
+  mode, f applied ``unroll_steps`` times (the official NUM_LAYERS; None: the model's ``num_layers``), Jacobian
+  weight ``jac.pretrain_weight``;
 * afterwards DEQ mode with the run's DEQ settings (config group ``deq``, ``mdeq.core.DEQ`` options);
   Jacobian weight ``jac.weight + 0.1 * ((t - pretrain_steps) // jac.incremental)`` (no increase when
   ``incremental`` is 0), and 0 from epoch ``jac.stop_epoch`` on;
@@ -186,6 +187,9 @@ def build_schedule(cfg: Mapping[str, Any], model: nn.Module) -> DEQSchedule:
     unknown = sorted(set(s) - set(SCHEDULE_FIELDS))
     if unknown:
         raise ValueError(f"unknown schedule setting(s) {unknown}; valid: {list(SCHEDULE_FIELDS)}")
+    if float(s.get("pretrain_fraction") or 0.0) and not int(s.get("pretrain_steps") or 0):
+        raise ValueError("schedule.pretrain_fraction is a fraction of the run's steps: turn it into "
+                         "schedule.pretrain_steps with resolve_pretrain(cfg, total_steps) first")
     deq = {**model.deq.settings, "max_iter": model.deq.options["max_iter"]}
     schedule = DEQSchedule(jac=jac, deq=deq, seed=int(cfg["train"]["seed"]), **s)
     return replace(schedule, unroll_steps=schedule.depth(model))

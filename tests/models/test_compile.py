@@ -33,8 +33,9 @@ def test_compiled_cell_equals_the_eager_cell_in_eval_and_training():
     out.square().sum().backward()
     ref.square().sum().backward()
     grads = dict(compiled.fullstage.named_parameters())
-    for name, p in eager.fullstage.named_parameters():  # the cell's parameters, by norm: with dropout, a GroupNorm group whose channels are all
-        # dropped has zero variance and moves a few float32 entries by ~1% (as any change of summation order)
+    # the cell's parameters, by norm: with dropout, a GroupNorm group whose channels are all dropped has zero
+    # variance and moves a few float32 entries by ~1% (as any change of summation order)
+    for name, p in eager.fullstage.named_parameters():
         assert (grads[name].grad - p.grad).norm() <= 1e-3 * p.grad.norm() + 1e-7, name
     assert compiled.state_dict().keys() == eager.state_dict().keys()
 
