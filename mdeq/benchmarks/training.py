@@ -80,10 +80,9 @@ def run_one(model: str, mode: str, max_iter: int, size: int = 224, batch: int = 
     elif mode == "unroll":
         net.configure_deq(solver="unroll", max_iter=max_iter)
     elif mode == "official":  # the original's Broyden with the preset's thresholds (mdeq_small: 26 / 27)
-        from mdeq.models.config import official_solver
+        from mdeq.models.config import official_solver_of
 
-        o = net.deq.options
-        net.configure_deq(**official_solver(o["max_iter"] - 1, o["b_max_iter"] - 1, o["stop_mode"]))
+        net.configure_deq(**official_solver_of(net.cfg))
     elif recipe is not None:  # Skip DEQ start, a small budget, the one-step backward, the Jacobian penalty
         net.configure_deq(**recipe["deq"])
         jac_weight, jac_freq, jac_probes = recipe["jac"]["weight"], recipe["jac"]["freq"], recipe["jac"]["probes"]

@@ -6,7 +6,7 @@ predictor and the C-DEQ student generator), ``mdeq`` (the timm classifiers, ``de
 this package's), ``identify`` (which preset a state dict is), ``pretrained`` (catalog weights as timm
 pretrained cfgs). A new preset is an entry in ``config`` plus its ``@register_model`` function in ``mdeq``.
 """
-from .config import CLS_PRESETS, SEG_PRESETS, MDEQConfig, official_solver, preset_solver
+from .config import CLS_PRESETS, SEG_PRESETS, MDEQConfig, official_solver, official_solver_of, preset_solver
 from .convert import (StateDictMismatch, convert_official_state_dict, describe_mismatch, is_official_state_dict,
                       load_converted, state_shapes, to_official_state_dict)
 from .identify import build_preset, infer_preset
@@ -18,5 +18,6 @@ __all__ = [
     "MDEQConfig", "CLS_PRESETS", "SEG_PRESETS", "MDEQCell", "MDEQStage", "MDEQBackbone", "MDEQNet", "MDEQSegNet",
     "create_segmentation_model", "list_segmentation_models", "convert_official_state_dict",
     "to_official_state_dict", "is_official_state_dict", "infer_preset", "build_preset", "load_converted",
-    "StateDictMismatch", "state_shapes", "describe_mismatch", "official_solver", "preset_solver",
+    "StateDictMismatch", "state_shapes", "describe_mismatch", "official_solver", "official_solver_of",
+    "preset_solver",
 ]

@@ -17,7 +17,7 @@ from typing import Any, Dict, Tuple
 from mdeq.core import check_deq_options, list_solvers, merge_deq_options, solver_spec
 
 __all__ = ["MDEQConfig", "CLS_PRESETS", "SEG_PRESETS", "config_field_names", "resolve_config", "preset_solver",
-           "official_solver"]
+           "official_solver", "official_solver_of"]
 
 
 @dataclass(frozen=True)
@@ -145,6 +145,13 @@ def official_solver(f_thres: int, b_thres: int, stop_mode: str) -> Dict[str, Any
     return dict(solver="broyden", max_iter=f_thres + 1, tol=1e-3, stop_mode=stop_mode,
                 solver_options=dict(memory=f_thres), b_solver="broyden", b_max_iter=b_thres + 1,
                 b_solver_options=dict(memory=b_thres))
+
+
+def official_solver_of(cfg: "MDEQConfig") -> Dict[str, Any]:
+    """``official_solver`` at a preset's own budgets and stop mode (its thresholds are max_iter - 1 and
+    b_max_iter - 1): the setting its official numbers were measured with."""
+    d = cfg.deq
+    return official_solver(d["max_iter"] - 1, d["b_max_iter"] - 1, d["stop_mode"])
 
 
 CLS_PRESETS: Dict[str, MDEQConfig] = {

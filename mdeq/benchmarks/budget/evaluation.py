@@ -20,14 +20,13 @@ from ...data.loaders import build_eval_loader
 from ...engine.distributed import DistEnv
 from ...engine.evaluate import evaluate_classifier
 from ...engine.rebuild import model_from_checkpoint
-from ...models.config import official_solver
+from ...models.config import CLS_PRESETS, official_solver_of
 
-__all__ = ["DEFAULT_EVALS", "CONVERGE_MAX_ITER", "CONVERGE_TOL", "OFFICIAL_THRESHOLDS", "LATENCY_BATCHES",
+__all__ = ["DEFAULT_EVALS", "CONVERGE_MAX_ITER", "CONVERGE_TOL", "LATENCY_BATCHES",
            "evaluate_method", "latency_ms"]
 
 DEFAULT_EVALS = (1, 2, 4, 8, 16)
 CONVERGE_MAX_ITER, CONVERGE_TOL = 50, 1e-4
-OFFICIAL_THRESHOLDS = (18, 20, "rel")  # mdeq_tiny's official Broyden (cls_mdeq_TINY.yaml: F_THRES, B_THRES, stop)
 LATENCY_BATCHES, LATENCY_REPEATS = (1, 64), 5
 
 
@@ -86,7 +85,7 @@ def evaluate_method(checkpoint: Path, evals: Sequence[int] = DEFAULT_EVALS, env=
                          solver=model.deq.options["solver"], **latency()))
     official = None
     if solver_spec(base["solver"]).stops_at_tol:  # the original's Broyden from this method's start
-        model.configure_deq(**{**base, **official_solver(*OFFICIAL_THRESHOLDS), "final_step": False})
+        model.configure_deq(**{**base, **official_solver_of(CLS_PRESETS[loaded.arch]), "final_step": False})
         res = evaluate_classifier(model, loader, env, progress=False)
         official = dict(top1=round(res.top1, 2), deq_nstep_mean=round(res.deq_nstep_mean, 2),
                         max_iter=int(model.deq.options["max_iter"]), solver="broyden", **latency())

@@ -155,8 +155,8 @@ def to_markdown(result: Dict) -> str:
     timed = [(r, b) for r in rows.values() for b in r.get("budgets", []) if b.get("ms_per_image_b1") is not None]
     if timed:
         lines += ["", "Latency: milliseconds per image of an eval forward at batch 1 and at batch 64 (median of 5), "
-                      "at each budget and at the preset's official setting (the original's Broyden, F_THRES 18 / "
-                      "tol 1e-3 rel, from the method's own start).", "",
+                      "at each budget and at the preset's official setting (the original's Broyden at the preset's "
+                      "thresholds, tolerance and stop mode, from the method's own start).", "",
                   "| method | " + " | ".join(f"@{k} ms b1 / b64" for k in evals) + " | official: top-1, steps, "
                   "ms b1 / b64 |", "|---|" + "---:|" * (len(evals) + 1)]
         for r in rows.values():

@@ -38,6 +38,7 @@ def broyden(f: Callable[[State], State], z0: State, *, max_iter: int, tol: float
     U = x.new_empty(b, memory, d)  # update i is rows U[:, i], V[:, i]; only the first n are in use
     V = x.new_empty(b, memory, d)
     n = 0  # number of stored updates
+    zero = x.new_zeros(())
 
     def low_rank(left, right, y):  # right^T (left y) over the stored updates: two batched products, no copies
         c = torch.bmm(y.unsqueeze(1), left[:, :n].transpose(1, 2))  # (B, 1, n): <left_i, y>
@@ -61,12 +62,12 @@ def broyden(f: Callable[[State], State], z0: State, *, max_iter: int, tol: float
             v = low_rank(U, V, dx).sub_(dx) if n else -dx
             denom = torch.linalg.vecdot(dx, hdg)
             ok = torch.isfinite(denom) & (denom.abs() > 1e-30)  # else: skip this sample's update
-            scale = torch.where(ok, 1.0 / torch.where(ok, denom, torch.ones_like(denom)), torch.zeros_like(denom))
+            scale = torch.where(ok, 1.0 / torch.where(ok, denom, 1.0), 0.0)
             restart = n == memory  # memory full: restart from H = -I (dropping old updates one by one is unstable)
             if restart:
                 n = 0
             u = torch.mul(torch.sub(dx, hdg), scale[:, None], out=U[:, n])
-            v = torch.where(ok[:, None], v, torch.zeros_like(v[:1]), out=V[:, n])  # a skipped v may be non-finite
+            v = torch.where(ok[:, None], v, zero, out=V[:, n])  # a skipped v may be non-finite
             n += 1
             ug = u * torch.linalg.vecdot(v, g)[:, None]
             dx = g - ug if restart else (dx - hdg).sub_(ug)  # -(-I + u v^T) g, or -(H + u v^T) g
