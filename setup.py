@@ -33,8 +33,12 @@ setup(
         "numpy",
     ],
     extras_require={
-        "dev": ["pytest>=7", "onnx", "onnxruntime", "onnxscript"],  # the export tests write and run ONNX files
+        # the export tests write and run ONNX files; the encoder tests build smp models; the download tests fetch
+        # through gdown from a local server that answers like Google Drive
+        "dev": ["pytest>=7", "onnx", "onnxruntime", "onnxscript", "segmentation-models-pytorch", "gdown"],
         "export": ["onnx", "onnxruntime", "onnxscript"],  # torch.onnx.export (dynamo) needs onnx + onnxscript
+        "gdrive": ["gdown"],  # released checkpoints behind Google Drive's confirmation page
+        "smp": ["segmentation-models-pytorch"],  # MDEQ encoders inside segmentation_models_pytorch
     },
     entry_points={"console_scripts": [
         f"mdeq-{name.replace('_', '-')}=mdeq.cli.{name}:main"
