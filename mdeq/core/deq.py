@@ -302,8 +302,10 @@ class DEQ(nn.Module):
         def result(z: torch.Tensor) -> State:
             return packer.unpack(z.to(dtype))
 
-        if x0.device.type == "meta":  # shape inference only (timm builds models on the meta device)
-            return result(f_flat(x0)), _meta_stats(o["solver"], x0)
+        if x0.device.type == "meta" or x0.shape[0] == 0:
+            # shape inference (timm builds models on the meta device) or an empty batch: one application of f
+            # gives the output's shapes (and, for an empty batch, a graph that reaches the parameters)
+            return result(f_flat(x0)), _shape_only_stats(o["solver"], x0)
 
         guess, extra_nfe = None, 0  # the differentiable initial guess (Skip / Skip Reg. DEQ)
         if o["init"] == "skip":
@@ -397,15 +399,15 @@ def _autocast_off(device_type: str):
     return contextlib.nullcontext()
 
 
-def _meta_stats(solver: str, x0: torch.Tensor) -> SolverStats:
-    b = x0.shape[0]
-    empty = torch.empty(b, device="meta")
+def _shape_only_stats(solver: str, x0: torch.Tensor) -> SolverStats:
+    """Stats of a call that ran no solve (meta tensors, or an empty batch): per-sample fields of x0's length."""
+    b, dev = x0.shape[0], x0.device
     return SolverStats(
         solver=solver,
-        nstep=torch.empty(b, dtype=torch.long, device="meta"),
-        abs_residual=empty,
-        rel_residual=empty,
-        converged=torch.empty(b, dtype=torch.bool, device="meta"),
-        diverged=torch.empty(b, dtype=torch.bool, device="meta"),
+        nstep=torch.zeros(b, dtype=torch.long, device=dev),
+        abs_residual=torch.zeros(b, dtype=x0.dtype, device=dev),
+        rel_residual=torch.zeros(b, dtype=x0.dtype, device=dev),
+        converged=torch.ones(b, dtype=torch.bool, device=dev),
+        diverged=torch.zeros(b, dtype=torch.bool, device=dev),
         nfe=1,
     )

@@ -65,7 +65,7 @@ class StatePacker:
             if not isinstance(state, torch.Tensor):
                 raise TypeError(f"expected a tensor state like the initial one, got {type(state).__name__}")
             self._check_shape(0, state)
-            return _flat(state, b, self.nhwc[0])
+            return _flat(state, b, self.dim, self.nhwc[0])
         if not isinstance(state, (list, tuple)) or len(state) != len(self.shapes):
             raise TypeError(
                 f"expected a list of {len(self.shapes)} tensors like the initial state, got "
@@ -73,7 +73,7 @@ class StatePacker:
             )
         for i, t in enumerate(state):
             self._check_shape(i, t)
-        return torch.cat([_flat(t, b, nhwc) for t, nhwc in zip(state, self.nhwc)], dim=1)
+        return torch.cat([_flat(t, b, n, nhwc) for t, n, nhwc in zip(state, self.sizes, self.nhwc)], dim=1)
 
     def unpack(self, flat: torch.Tensor) -> State:
         """(B, D) matrix -> the original structure (views of ``flat``)."""
@@ -100,8 +100,9 @@ def is_channels_last(t: torch.Tensor) -> bool:
     return not one.is_contiguous() and one.is_contiguous(memory_format=torch.channels_last)
 
 
-def _flat(t: torch.Tensor, b: int, nhwc: bool) -> torch.Tensor:
-    return (t.permute(0, 2, 3, 1) if nhwc else t).reshape(b, -1)
+def _flat(t: torch.Tensor, b: int, n: int, nhwc: bool) -> torch.Tensor:
+    """(B, ...) -> (B, n); n is explicit so an empty batch (B = 0) packs too."""
+    return (t.permute(0, 2, 3, 1) if nhwc else t).reshape(b, n)
 
 
 def _unflat(chunk: torch.Tensor, b: int, shape, nhwc: bool) -> torch.Tensor:

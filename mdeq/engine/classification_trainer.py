@@ -116,7 +116,7 @@ class ClassificationTrainer(Trainer):
 
     def eval_scalars(self, res: EvalResult) -> Dict[str, float]:
         return {"top1": res.top1, "top5": res.top5, "loss": res.loss, "deq_nstep": res.deq_nstep_mean,
-                "deq_rel_residual": res.deq_rel_residual_mean}
+                "deq_rel_residual": res.deq_rel_residual_mean, "deq_diverged": res.deq_diverged}
 
     def val_row(self, res: Optional[EvalResult], prefix: str = "val_") -> Dict[str, Any]:
         row: Dict[str, Any] = {f"{prefix}top1": res.top1 if res else "", f"{prefix}top5": res.top5 if res else ""}
@@ -128,7 +128,7 @@ class ClassificationTrainer(Trainer):
     def final_metrics(self, val: EvalResult) -> Dict[str, Any]:
         return dict(val_top1=val.top1, val_top5=val.top5, val_loss=val.loss, val_count=val.count,
                     deq_nstep_mean=val.deq_nstep_mean, deq_rel_residual_mean=val.deq_rel_residual_mean,
-                    deq_abs_residual_mean=val.deq_abs_residual_mean)
+                    deq_abs_residual_mean=val.deq_abs_residual_mean, deq_diverged=val.deq_diverged)
 
     def hparam_metrics(self, metrics: Mapping[str, Any]) -> Dict[str, float]:
         return {k: metrics[k] for k in ("val_top1", "val_top5")}

@@ -16,13 +16,15 @@ from tqdm import tqdm
 from ..core import budget_options  # noqa: F401  (its home is the core; kept importable from here)
 from .amp import autocast_context
 from .distributed import DistEnv, all_reduce_sum
+from .solver_health import warn_diverged
 
 __all__ = ["EvalResult", "evaluate_classifier", "sweep_solver_budgets", "write_sweep"]
 
 
 @dataclass
 class EvalResult:
-    """Accuracies in percent; ``deq_*`` are per-image means of the solver's steps and relative residual."""
+    """Accuracies in percent; ``deq_*`` are per-image means of the solver's steps and relative residual, and
+    ``deq_diverged`` the number of images whose solve diverged (a non-finite image counts here)."""
 
     top1: float
     top5: float
@@ -31,6 +33,7 @@ class EvalResult:
     deq_nstep_mean: float
     deq_rel_residual_mean: float
     deq_abs_residual_mean: float
+    deq_diverged: int = 0
 
     def as_dict(self, prefix: str = "") -> Dict[str, float]:
         return {f"{prefix}{k}": v for k, v in asdict(self).items()}
@@ -47,8 +50,8 @@ def evaluate_classifier(model: nn.Module, loader: Iterable, env: DistEnv, amp_dt
     was_training = model.training
     model.eval()
     stats_model = stats_model or model
-    # correct@1, correct@5, loss, count, steps, rel. residual, abs. residual: summed on the device, read once
-    sums = torch.zeros(7, dtype=torch.float64, device=env.device)
+    # correct@1, correct@5, loss, count, steps, rel. residual, abs. residual, diverged: summed on the device
+    sums = torch.zeros(8, dtype=torch.float64, device=env.device)
     bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not (progress and env.is_main))
     for images, targets in bar:
         images = images.to(env.device, non_blocking=True)
@@ -63,15 +66,17 @@ def evaluate_classifier(model: nn.Module, loader: Iterable, env: DistEnv, amp_dt
                  torch.tensor(targets.numel(), device=env.device)]
         stats = getattr(stats_model, "deq_stats", None)
         if stats is not None:
-            batch += [stats.nstep.sum(), stats.rel_residual.sum(), stats.abs_residual.sum()]
+            batch += [stats.nstep.sum(), stats.rel_residual.sum(), stats.abs_residual.sum(), stats.diverged.sum()]
         sums[:len(batch)] += torch.stack([b.double().to(env.device) for b in batch])
-    c1, c5, loss, count, nstep, rel, absr = all_reduce_sum(sums.tolist(), env)
+    c1, c5, loss, count, nstep, rel, absr, diverged = all_reduce_sum(sums.tolist(), env)
     model.train(was_training)
     if count == 0:
         raise ValueError("the evaluation set is empty")
+    if env.is_main:
+        warn_diverged(int(diverged), int(count), "evaluation")
     return EvalResult(top1=100.0 * c1 / count, top5=100.0 * c5 / count, loss=loss / count, count=int(count),
                       deq_nstep_mean=nstep / count, deq_rel_residual_mean=rel / count,
-                      deq_abs_residual_mean=absr / count)
+                      deq_abs_residual_mean=absr / count, deq_diverged=int(diverged))
 
 
 def sweep_solver_budgets(model: nn.Module, loader: Iterable, env: DistEnv, budgets: Sequence[int],

@@ -25,6 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .distributed import DistEnv, all_reduce_sum
+from .solver_health import warn_diverged
 from .evaluate import autocast_context
 from .seg_metrics import ConfusionMatrix, SegMetrics
 
@@ -164,11 +165,13 @@ class SegInference:
 
     def last_stats(self) -> Optional[Dict[str, torch.Tensor]]:
         """Per-sample DEQ ``nstep`` / ``rel_residual`` / ``abs_residual`` (B,), averaged over all forward passes
-        (windows, scales, flips) of the last call; None when the model exposes no ``deq_stats``."""
+        (windows, scales, flips) of the last call, and ``diverged`` (1.0 where any pass diverged); None when the
+        model exposes no ``deq_stats``."""
         if not self._stats:
             return None
-        nstep, rel, absr = (torch.stack(v).mean(0) for v in zip(*self._stats))
-        return dict(nstep=nstep, rel_residual=rel, abs_residual=absr)
+        nstep, rel, absr = (torch.stack(v).mean(0) for v in list(zip(*self._stats))[:3])
+        diverged = torch.stack([s[3] for s in self._stats]).amax(0)
+        return dict(nstep=nstep, rel_residual=rel, abs_residual=absr, diverged=diverged)
 
     # ------------------------------------------------------------------ pieces
     def _resize(self, x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
@@ -204,7 +207,7 @@ class SegInference:
         stats = getattr(_unwrap(self.model), "deq_stats", None)
         if stats is not None:
             self._stats.append((stats.nstep.detach().float(), stats.rel_residual.detach().float(),
-                                stats.abs_residual.detach().float()))
+                                stats.abs_residual.detach().float(), stats.diverged.detach().float()))
 
 
 def build_inference(model: nn.Module, icfg: Optional[Mapping[str, Any]], amp_dtype=None) -> SegInference:
@@ -221,7 +224,8 @@ def build_inference(model: nn.Module, icfg: Optional[Mapping[str, Any]], amp_dty
 class SegEvalResult:
     """Metrics (percent) over the whole evaluation set and the per-image means of the DEQ solver's stats.
 
-    ``deq_*`` are 0.0 when the model exposes no ``deq_stats`` (as in the classification ``EvalResult``).
+    ``deq_*`` are 0.0 when the model exposes no ``deq_stats`` (as in the classification ``EvalResult``);
+    ``deq_diverged`` counts the images whose solve diverged in any pass.
     """
 
     metrics: SegMetrics
@@ -229,6 +233,7 @@ class SegEvalResult:
     deq_nstep_mean: float
     deq_rel_residual_mean: float
     deq_abs_residual_mean: float
+    deq_diverged: int = 0
 
     @property
     def miou(self) -> float:
@@ -239,7 +244,8 @@ class SegEvalResult:
         out = self.metrics.as_dict(prefix, class_names)
         out.update({f"{prefix}count": self.count, f"{prefix}deq_nstep_mean": self.deq_nstep_mean,
                     f"{prefix}deq_rel_residual_mean": self.deq_rel_residual_mean,
-                    f"{prefix}deq_abs_residual_mean": self.deq_abs_residual_mean})
+                    f"{prefix}deq_abs_residual_mean": self.deq_abs_residual_mean,
+                    f"{prefix}deq_diverged": self.deq_diverged})
         return out
 
 
@@ -259,7 +265,8 @@ def evaluate_segmentation(model: nn.Module, loader: Iterable, env: DistEnv, num_
     """
     inference = inference if inference is not None else SegInference(model)
     cm = ConfusionMatrix(num_classes, ignore_index=ignore_index, device=env.device)
-    stat_sums = torch.zeros(3, dtype=torch.float64, device=env.device)  # nstep, rel., abs. residual: read once
+    # nstep, rel. and abs. residual, diverged: summed on the device, read once
+    stat_sums = torch.zeros(4, dtype=torch.float64, device=env.device)
     count = stat_count = 0
     sampler = getattr(loader, "sampler", None)
     index_iter = iter(sampler) if on_batch is not None and sampler is not None else None
@@ -272,7 +279,7 @@ def evaluate_segmentation(model: nn.Module, loader: Iterable, env: DistEnv, num_
         b = images.shape[0]
         stats = inference.last_stats()
         if stats is not None:
-            stat_sums += torch.stack([stats[k].sum() for k in ("nstep", "rel_residual", "abs_residual")]).to(
+            stat_sums += torch.stack([stats[k].sum() for k in ("nstep", "rel_residual", "abs_residual", "diverged")]).to(
                 stat_sums)
             stat_count += b
         if on_batch is not None:
@@ -282,9 +289,11 @@ def evaluate_segmentation(model: nn.Module, loader: Iterable, env: DistEnv, num_
             on_batch([int(i) for i in indices], images, masks, pred)
         count += b
     cm.reduce(env)
-    count, stat_count, nstep, rel, absr = all_reduce_sum([count, stat_count] + stat_sums.tolist(), env)
+    count, stat_count, nstep, rel, absr, diverged = all_reduce_sum([count, stat_count] + stat_sums.tolist(), env)
     if count == 0:
         raise ValueError("the evaluation set is empty")
+    if env.is_main:
+        warn_diverged(int(diverged), int(count), "evaluation")
     means = [v / stat_count if stat_count else 0.0 for v in (nstep, rel, absr)]  # no stats: 0.0
     return SegEvalResult(metrics=cm.compute(), count=int(count), deq_nstep_mean=means[0],
-                         deq_rel_residual_mean=means[1], deq_abs_residual_mean=means[2])
+                         deq_rel_residual_mean=means[1], deq_abs_residual_mean=means[2], deq_diverged=int(diverged))

@@ -145,7 +145,7 @@ class SegmentationTrainer(Trainer):
     def eval_scalars(self, res: SegEvalResult) -> Dict[str, float]:
         m = res.metrics
         return {"miou": m.miou, "aacc": m.aacc, "macc": m.macc, "deq_nstep": res.deq_nstep_mean,
-                "deq_rel_residual": res.deq_rel_residual_mean}
+                "deq_rel_residual": res.deq_rel_residual_mean, "deq_diverged": res.deq_diverged}
 
     def log_eval_details(self, model: nn.Module, res: SegEvalResult, prefix: str, step: int) -> None:
         if self.logger is None or not self.env.is_main:
@@ -172,6 +172,7 @@ class SegmentationTrainer(Trainer):
                     val_iou={c: (v if math.isfinite(v) else None) for c, v in zip(self.train_set.classes, m.iou)},
                     deq_nstep_mean=res.deq_nstep_mean,
                     deq_rel_residual_mean=res.deq_rel_residual_mean, deq_abs_residual_mean=res.deq_abs_residual_mean,
+                    deq_diverged=res.deq_diverged,
                     inference=dict(self.cfg.get("inference") or {}),
                     backbone_init=self.init_info.get("summary"))
 

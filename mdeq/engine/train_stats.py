@@ -19,6 +19,7 @@ class StatsWindow:
         self.samples = 0
         self.nstep = self.rel = self.bnstep = self.jac = 0.0
         self.bn = self.jn = 0
+        self.diverged = 0
         self.last_loss = 0.0
 
     def add(self, loss: float, samples: int, stats: Optional[SolverStats]) -> None:
@@ -30,6 +31,7 @@ class StatsWindow:
             return
         self.nstep += stats.nstep.float().mean().item()
         self.rel += stats.rel_residual.float().mean().item()
+        self.diverged += int(stats.diverged.sum())
         if stats.backward is not None:
             self.bnstep += stats.backward.nstep.float().mean().item()
             self.bn += 1
@@ -38,9 +40,11 @@ class StatsWindow:
             self.jn += 1
 
     def deq_scalars(self) -> Dict[str, float]:
-        """``deq/fwd/nstep``, ``deq/fwd/rel_residual`` and, when measured, ``deq/bwd/nstep``, ``deq/jac_loss``."""
+        """``deq/fwd/nstep``, ``deq/fwd/rel_residual``, ``deq/fwd/diverged`` (samples of the window whose solve
+        diverged, this rank) and, when measured, ``deq/bwd/nstep``, ``deq/jac_loss``."""
         k = max(self.n, 1)
-        out = {"deq/fwd/nstep": self.nstep / k, "deq/fwd/rel_residual": self.rel / k}
+        out = {"deq/fwd/nstep": self.nstep / k, "deq/fwd/rel_residual": self.rel / k,
+               "deq/fwd/diverged": float(self.diverged)}
         if self.bn:
             out["deq/bwd/nstep"] = self.bnstep / self.bn
         if self.jn:

@@ -42,6 +42,7 @@ from .distributed import DistEnv, all_reduce_sum
 from .precise_bn import PreciseBN
 from .run_logger import RunLogger, write_json_atomic
 from .run_state import Progress, RunParts, check_resumable, restore_run_state, run_state_dict, seed_everything
+from .solver_health import warn_diverged
 from .train_stats import StatsWindow
 
 __all__ = ["Trainer"]
@@ -314,6 +315,8 @@ class Trainer(ABC):
             p.epoch_loss_sum += loss_value
             p.epoch_steps += 1
             window.add(loss_value, n, stats)
+            if stats is not None and env.is_main:
+                warn_diverged(int(stats.diverged.sum()), int(stats.diverged.numel()), "training")
             self.scheduler.step_update(num_updates=p.step)
             bar.update(1)
             if p.step % log_every == 0 or p.step == total_steps:
@@ -373,9 +376,13 @@ class Trainer(ABC):
         if self.env.distributed:  # every rank must stop together, not leave the others waiting in a collective
             finite = all_reduce_sum([0.0 if finite else 1.0], self.env)[0] == 0.0
         if not finite:
+            diverged = int(stats.diverged.sum()) if stats is not None else 0
+            why = (f"; the solve diverged for {diverged} of the batch's {stats.diverged.numel()} samples (a NaN/inf "
+                   "image gives NaN logits: check the data)") if diverged else ""
             raise FloatingPointError(
                 f"the training loss became non-finite (here: {loss_value}) at step {self.progress.step} "
-                f"({plan.phase} phase); lower optim.lr, set train.clip_grad, or resume from the last checkpoint")
+                f"({plan.phase} phase){why}; lower optim.lr, set train.clip_grad, or resume from the last "
+                "checkpoint")
         return loss_value, stats
 
     def _params(self):

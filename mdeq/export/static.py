@@ -35,6 +35,7 @@ from mdeq.core import budget_options, remove_weight_norm, solver_spec
 from mdeq.core.consistency import as_student, consistency_schedule
 from mdeq.core.solvers import NORM_EPS
 from mdeq.models import MDEQBackbone
+from mdeq.models.layers import propagate_nonfinite
 
 __all__ = ["fixed_budget", "budget_reference", "FixedBudgetModel", "FixedBudgetStage", "BudgetPlan",
            "EXPORTABLE_SOLVERS"]
@@ -218,7 +219,7 @@ class FixedBudgetStage(nn.Module):
             x = _anderson(f, x, p)
         if p.final_f:
             x = f(x)
-        return _unpack(x.to(dtype), shapes)
+        return propagate_nonfinite(_unpack(x.to(dtype), shapes), injection)
 
 
 def _pack(z: Sequence[torch.Tensor]) -> torch.Tensor:

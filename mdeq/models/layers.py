@@ -21,7 +21,7 @@ from mdeq.core import VariationalDropout, apply_weight_norm
 
 from .config import MDEQConfig
 
-__all__ = ["BasicBlock", "BranchNet", "UpsampleModule", "DownsampleModule", "MDEQCell"]
+__all__ = ["BasicBlock", "BranchNet", "UpsampleModule", "DownsampleModule", "MDEQCell", "propagate_nonfinite"]
 
 
 class BasicBlock(nn.Module):
@@ -146,3 +146,16 @@ class MDEQCell(nn.Module):
                 total = total + term if i == 0 and j == 1 else total.add_(term)
             out.append(self.post_fuse_layers[i](total))
         return out
+
+
+def propagate_nonfinite(states: List[torch.Tensor], injection: torch.Tensor) -> List[torch.Tensor]:
+    """The branch states with every sample whose injection is not finite set to NaN.
+
+    A solver stops a sample whose f is not finite and returns its best finite iterate, so without this a NaN or
+    inf image would give confident finite logits; like any timm model, non-finite input must give non-finite
+    output (the solver's no-NaN guarantee is for divergence from finite input). Static (no data-dependent
+    branching), so traced and exported graphs keep it.
+    """
+    bad = ~torch.isfinite(injection).flatten(1).all(dim=1)
+    return [t.masked_fill(bad.view(-1, *([1] * (t.dim() - 1))), float("nan")) for t in states]
+

@@ -46,7 +46,8 @@ class Counter(nn.Module):
         self.modes.append(self.training)
         b = x.shape[0]
         self.deq_stats = SimpleNamespace(nstep=torch.full((b,), self.calls), rel_residual=torch.full((b,), 0.1),
-                                         abs_residual=torch.arange(b, dtype=torch.float32) * self.calls)
+                                         abs_residual=torch.arange(b, dtype=torch.float32) * self.calls,
+                                         diverged=torch.zeros(b, dtype=torch.bool))
         return torch.full((b, 2, x.shape[2], x.shape[3]), float(self.calls))
 
 
@@ -88,7 +89,7 @@ def test_slide_covering_window_equals_whole_on_mdeq(mdeq_seg):
     for window in [(32, 64), (64, 96)]:  # exactly the image, and larger than it
         assert torch.equal(SegInference(mdeq_seg, mode="slide", window=window).logits(x), ref)
     stats = whole.last_stats()
-    assert set(stats) == {"nstep", "rel_residual", "abs_residual"} and stats["nstep"].shape == (2,)
+    assert set(stats) == {"nstep", "rel_residual", "abs_residual", "diverged"} and stats["nstep"].shape == (2,)
     assert (stats["nstep"] >= 1).all()
 
 
@@ -195,7 +196,7 @@ class OneHot(nn.Module):
     def forward(self, x):
         b = x.shape[0]
         self.deq_stats = SimpleNamespace(nstep=torch.full((b,), 5), rel_residual=torch.full((b,), .25),
-                                         abs_residual=torch.ones(b))
+                                         abs_residual=torch.ones(b), diverged=torch.zeros(b, dtype=torch.bool))
         return torch.nn.functional.one_hot(x[:, 0].round().long(), 3).permute(0, 3, 1, 2).float() * 10
 
 
