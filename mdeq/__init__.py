@@ -4,6 +4,8 @@ Importing ``mdeq`` registers the ``mdeq_*`` models with timm.
 """
 __version__ = "0.1.0"
 
-from . import core  # noqa: F401
-from . import models  # noqa: F401  (registers the timm models)
-from .models import create_segmentation_model  # noqa: F401
+from . import core
+from . import models  # registers the timm models
+from .models import configure_deq, create_segmentation_model, deq_stats, find_mdeqs
+
+__all__ = ["core", "models", "create_segmentation_model", "configure_deq", "deq_stats", "find_mdeqs"]
