@@ -37,9 +37,10 @@ from mdeq.core.state import is_channels_last
 from .cheap_inference import MultiscaleGenerator, MultiscaleInitializer
 from .config import CLS_PRESETS, MDEQConfig, config_field_names, resolve_config
 from .convert import convert_official_state_dict, is_official_state_dict
+from .features import MDEQFeatures
 from .identify import register_preset_builder
-from .layers import MDEQCell
-from .pretrained import catalog_cfgs, resolve_catalog_weights
+from .layers import MDEQCell, propagate_nonfinite
+from .pretrained import catalog_cfgs, general_use, resolve_catalog_weights
 
 __all__ = ["MDEQNet", "MDEQBackbone", "MDEQStage", "Bottleneck"]
 
@@ -126,7 +127,7 @@ class MDEQStage(MDEQCell):
             jac = self.jac_probes if torch.is_grad_enabled() else 0
             z, self.stats = self.deq(lambda zs: self.cell(zs, injection), z0, jac_probes=jac, predictor=predictor,
                                      **inputs)
-        return z
+        return propagate_nonfinite(z, injection)
 
 
 @register_notrace_function
@@ -453,19 +454,38 @@ def _create_mdeq(variant: str, pretrained: bool = False, **kwargs) -> MDEQNet:
     cfg_overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in config_field_names()}
     overlay = kwargs.get("pretrained_cfg_overlay") or {}
     if pretrained and not any(overlay.get(k) for k in ("file", "state_dict", "url", "hf_hub_id")):
-        base = _cifar_cfg() if CLS_PRESETS[variant].downsample_times == 0 else _cfg()
-        published = resolve_catalog_weights(variant, kwargs.get("pretrained_cfg"), base)
+        published = resolve_catalog_weights(variant, kwargs.get("pretrained_cfg"), dict(_NATIVE_CFGS[variant]))
         if published is not None:  # a published weight set: downloaded and verified by the zoo
             kwargs["pretrained_cfg"], model_args = published
             for key, value in model_args.items():  # its architecture, and the solver its metrics were measured with
                 cfg_overrides.setdefault(key, value)
+        elif kwargs.get("pretrained_cfg") is None:
+            _refuse_missing_default(variant)
     cfg = resolve_config(CLS_PRESETS[variant], cfg_overrides)
     return build_model_with_cfg(
         MDEQNet, variant, pretrained, model_cfg=cfg,
         pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls="getter", out_indices=tuple(range(cfg.num_branches + 1))),
+        feature_cfg=dict(feature_cls=MDEQFeatures, out_indices=tuple(range(cfg.num_branches + 1))),
         **kwargs,
     )
+
+
+def _refuse_missing_default(variant: str) -> None:
+    """``pretrained=True`` without a tag on an architecture whose default tag has no weights: say which tags do
+    (timm's own message only says there are none)."""
+    from timm.models import get_pretrained_cfg
+
+    if get_pretrained_cfg(variant).has_weights:
+        return
+    native = _NATIVE_CFGS[variant]["input_size"]
+    tags = [f"{name} ({'x'.join(map(str, cfg['input_size'][1:]))})" for name, cfg in catalog_cfgs().items()
+            if name.split(".", 1)[0] == variant]
+    raise RuntimeError(
+        f"{variant} has no default pretrained weights: none published at its native input size "
+        f"{native[1]}x{native[2]} for general use. "
+        + (f"Name one by its tag, e.g. timm.create_model('{tags[0].split(' ')[0]}', pretrained=True); published: "
+           f"{', '.join(tags)}. " if tags else "")
+        + "Or use pretrained=False for random init.")
 
 
 register_preset_builder("cls", lambda name, num_classes, device: timm.create_model(name, num_classes=num_classes,
@@ -487,21 +507,32 @@ def _cifar_cfg(**kwargs) -> Dict[str, Any]:
                           mean=CIFAR_MEAN, std=CIFAR_STD), **kwargs})
 
 
-def _published(arch: str) -> Dict[str, Any]:
-    """Catalog entries of ``arch`` as timm cfgs (listed first, so the first is timm's default tag)."""
-    base = _cifar_cfg if arch in ("mdeq_tiny", "mdeq_cifar_large") else _cfg
-    return {name: base(**cfg) for name, cfg in catalog_cfgs().items() if name.split(".", 1)[0] == arch}
+_NATIVE_CFGS = {  # each architecture's own data config: what an untrained model and its default tag use
+    "mdeq_tiny": _cifar_cfg(),
+    "mdeq_cifar_large": _cifar_cfg(pool_size=(4, 4)),
+    "mdeq_small": _cfg(),
+    "mdeq_large": _cfg(),
+    "mdeq_xl": _cfg(),
+}
 
 
-default_cfgs = generate_default_cfgs({
-    **{k: v for arch in ("mdeq_tiny", "mdeq_cifar_large", "mdeq_small", "mdeq_large", "mdeq_xl")
-       for k, v in _published(arch).items()},
-    "mdeq_tiny.untrained": _cifar_cfg(),
-    "mdeq_cifar_large.untrained": _cifar_cfg(pool_size=(4, 4)),
-    "mdeq_small.untrained": _cfg(),
-    "mdeq_large.untrained": _cfg(),
-    "mdeq_xl.untrained": _cfg(),
-})
+def _arch_cfgs(arch: str) -> Dict[str, Any]:
+    """``arch``'s tags; the default (timm's first tag) is a published weight of general use at the native size
+    (``pretrained.general_use``) if there is one, else ``untrained`` with the native cfg. Every other weight (the
+    16x16 digits) is reached by its tag."""
+    native = _NATIVE_CFGS[arch]
+    base = _cifar_cfg if native["input_size"][-1] == 32 else _cfg
+    published = {name: base(**cfg) for name, cfg in catalog_cfgs().items() if name.split(".", 1)[0] == arch}
+    general = {name: cfg for name, cfg in published.items() if general_use(cfg, native)}
+    others = {name: cfg for name, cfg in published.items() if name not in general}
+    if general:
+        return {**general, f"{arch}.untrained": dict(native), **others}
+    # '*' marks timm's default tag explicitly; it must come after the tags with weights, which timm would
+    # otherwise move to the front
+    return {**others, f"{arch}.untrained*": dict(native)}
+
+
+default_cfgs = generate_default_cfgs({k: v for arch in _NATIVE_CFGS for k, v in _arch_cfgs(arch).items()})
 
 
 @register_model

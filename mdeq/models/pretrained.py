@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 from .convert import convert_official_state_dict
 from .identify import infer_preset
 
-__all__ = ["catalog_cfgs", "resolve_catalog_weights", "official_converter", "fetch_segmentation_weights"]
+__all__ = ["catalog_cfgs", "general_use", "resolve_catalog_weights", "official_converter",
+           "fetch_segmentation_weights"]
 
 
 def _catalog() -> Dict[str, Dict]:
@@ -37,6 +38,15 @@ def catalog_cfgs(arch_prefix: str = "mdeq_") -> Dict[str, Dict[str, Any]]:
     return out
 
 
+def general_use(cfg: Dict[str, Any], native: Dict[str, Any]) -> bool:
+    """Whether a published weight's cfg may be its architecture's default (timm's first tag): trained at the
+    architecture's native input size for its native label set (CIFAR presets 32x32 / 10 classes, ImageNet presets
+    224 / 1000). A toy or demo weight (the 16x16 digits) is reached by its tag only, so it never sets the input
+    size that ``timm.create_model(arch)`` and ``resolve_data_config`` give."""
+    return (tuple(cfg.get("input_size", ())) == tuple(native["input_size"])
+            and cfg.get("num_classes") == native["num_classes"])
+
+
 def _tuples(cfg: Dict[str, Any]) -> Dict[str, Any]:
     """JSON lists back to the tuples timm's cfgs use (input_size, mean, std, pool_size)."""
     return {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
@@ -57,9 +67,10 @@ def resolve_catalog_weights(variant: str, pretrained_cfg: Any,
         tag = getattr(pretrained_cfg, "tag", None) or (pretrained_cfg.get("tag") if isinstance(pretrained_cfg, dict)
                                                        else None)
     catalog = _catalog()
-    if tag is None:  # timm's default tag: the first classification entry of this architecture
-        tag = next((n.split(".", 1)[1] for n, e in catalog.items() if n.split(".", 1)[0] == variant
-                    and e.get("task", "classification") == "classification"), None)
+    if tag is None:  # timm's default tag for the architecture (``default_cfgs`` order: see ``general_use``)
+        from timm.models import get_pretrained_cfg
+
+        tag = getattr(get_pretrained_cfg(variant), "tag", None)
     name = f"{variant}.{tag}"
     if tag is None or name not in catalog:
         return None

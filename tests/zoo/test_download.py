@@ -134,5 +134,5 @@ def test_packaged_weights_need_no_network(tmp_path, monkeypatch):
     assert timm.list_pretrained("mdeq*") == sorted(n for n, e in catalog.items()
                                                    if e.get("task", "classification") == "classification")
     assert "mdeq_tiny.untrained" not in timm.list_models("mdeq*", pretrained=True)  # no weights, not listed
-    model = timm.create_model("mdeq_tiny", pretrained=True)  # the first catalog tag is timm's default
+    model = timm.create_model("mdeq_tiny.digits", pretrained=True)  # a 16x16 toy weight: by its tag, not default
     assert _weights_equal(model, tmp_path / "mdeq_tiny_digits.safetensors")
