@@ -19,6 +19,7 @@ from torch import nn
 
 from ..data.classification import build_transform, resolve_data_cfg
 from ..data.factory import build_classification_datasets
+from ..data.inspect import typical_image_size
 from .evaluate import EvalResult, evaluate_classifier
 from .training_loop import Trainer
 from .weights import freeze_groups, load_backbone_weights, read_state_dict
@@ -63,6 +64,8 @@ class ClassificationTrainer(Trainer):
 
     def setup_transforms(self) -> None:
         self.data_cfg = resolve_data_cfg(self.model, self.cfg["data"].get("overrides"))
+        if self.env.is_main:
+            report_input_size(self.data_cfg, self.train_set, self.cfg["model"]["name"])
         self.train_set.transform = build_transform(self.data_cfg, True, self.cfg["data"].get("aug"))
         self.val_set.transform = build_transform(self.data_cfg, False)
 
@@ -136,3 +139,17 @@ class ClassificationTrainer(Trainer):
     def report_lines(self, m: Mapping[str, Any]) -> List[str]:
         return [f"val top-1 {m['val_top1']:.2f}%  top-5 {m['val_top5']:.2f}%  loss {m['val_loss']:.4f}",
                 f"solver: {m['deq_nstep_mean']:.1f} steps/image, relative residual {m['deq_rel_residual_mean']:.3g}"]
+
+
+def report_input_size(data_cfg: Mapping[str, Any], dataset, model_name: str) -> None:
+    """Log the input size a run trains at and where it comes from; warn when it is more than 2x away from the
+    data's typical image size (e.g. a 16x16 default on 32x32 images), which costs accuracy without a word."""
+    h, w = data_cfg["input_size"][-2:]
+    native = typical_image_size(dataset)
+    _log.info("input size %dx%d (data.overrides.input_size, else %s's pretrained cfg); the training images' "
+              "median shorter side: %s", h, w, model_name, f"{native} px" if native else "unknown")
+    if native and not 0.5 <= min(h, w) / native <= 2.0:
+        _log.warning("training at %dx%d, but the images' median shorter side is %d px (more than 2x away): set "
+                     "data.overrides.input_size=%d to train near the data's own size, or choose a model tag made "
+                     "for it", h, w, native, native)
+

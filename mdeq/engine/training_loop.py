@@ -19,6 +19,8 @@ import contextlib
 import logging
 import math
 import os
+import shlex
+import sys
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -33,6 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from ..data.inspect import verify_datasets
 from ..data.loaders import build_eval_loader, build_train_loader, steps_per_epoch
 from .amp import amp_dtype, autocast_context
 from .checkpoint import load_checkpoint, plain_data, save_atomic
@@ -42,6 +45,7 @@ from .distributed import DistEnv, all_reduce_sum
 from .precise_bn import PreciseBN
 from .run_logger import RunLogger, write_json_atomic
 from .run_state import Progress, RunParts, check_resumable, restore_run_state, run_state_dict, seed_everything
+from .preemption import StopSignals
 from .solver_health import warn_diverged
 from .train_stats import StatsWindow
 
@@ -70,10 +74,15 @@ class Trainer(ABC):
         self.amp_dtype = amp_dtype(self.tcfg.get("amp"), self.tcfg.get("amp_dtype"))
         self.channels_last = bool(self.tcfg.get("channels_last", False))
         self.progress_bars = bool(self.tcfg.get("progress", True))
+        self._stop = StopSignals()  # handlers are installed while ``fit`` trains
 
         # data
         self.train_set, self.val_set = self.build_datasets()
         self.num_classes = len(self.train_set.classes)
+        if cfg["data"].get("verify"):  # every file's header now, all bad files in one error, before any epoch
+            n = verify_datasets({"train": self.train_set, "val": self.val_set}, progress=self.progress_bars
+                                and env.is_main)
+            _log.info("data.verify: all %d files can be read", n)
 
         # model (+ the transforms, which may depend on it)
         torch.manual_seed(seed)  # the same init on every rank (DDP broadcasts rank 0's anyway)
@@ -260,17 +269,20 @@ class Trainer(ABC):
         final_eval: Optional[Any] = None
         final_eval_step = -1
         try:
-            while p.epoch < self.epochs and p.step < total_steps:
-                self._train_epoch(total_steps)
-                epoch_done = p.batch_in_epoch >= self.updates_per_epoch * self.accum
-                if not epoch_done:  # stopped by max_steps inside the epoch
-                    break
-                val = None
-                interval = int(self.tcfg.get("val_interval", 1))
-                if (p.epoch + 1) % interval == 0 or p.epoch + 1 == self.epochs:
-                    val = self._validate()
-                    final_eval, final_eval_step = val, p.step
-                self._end_epoch(val)
+            with self._stop:  # SIGTERM / SIGUSR1 / Ctrl-C: finish the step, save, exit (outside: as usual)
+                while p.epoch < self.epochs and p.step < total_steps:
+                    self._train_epoch(total_steps)
+                    epoch_done = p.batch_in_epoch >= self.updates_per_epoch * self.accum
+                    if not epoch_done:  # stopped by max_steps inside the epoch
+                        break
+                    val = None
+                    interval = int(self.tcfg.get("val_interval", 1))
+                    if (p.epoch + 1) % interval == 0 or p.epoch + 1 == self.epochs:
+                        self.save("last.pth")  # the trained epoch, before validation can fail (a resume validates)
+                        val = self._validate()
+                        final_eval, final_eval_step = val, p.step
+                    self._end_epoch(val)
+                    self._stop_if_asked()
             if final_eval is None or final_eval_step != p.step:  # evaluate the final weights if not just done
                 final_eval = self._validate()
             metrics = self._final_metrics(final_eval)
@@ -329,8 +341,29 @@ class Trainer(ABC):
                 p.train_seconds += time.perf_counter() - t_epoch
                 t_epoch = time.perf_counter()
                 self.save("last.pth")
+            if self._stop.agreed(env):
+                p.train_seconds += time.perf_counter() - t_epoch
+                bar.close()
+                self._stop_if_asked()
         p.train_seconds += time.perf_counter() - t_epoch
         bar.close()
+
+    def _stop_if_asked(self) -> None:
+        """After a step or an epoch: when a stop signal came (to any rank), save ``last.pth`` and end the tool with
+        ``TrainingStopped`` (exit status 128 + signal), printing how to resume."""
+        if not self._stop.agreed(self.env):
+            return
+        p = self.progress
+        path = self.ckpt_dir / "last.pth"
+        self.save("last.pth")
+        self.logger.flush()
+        self.env.barrier()  # no rank exits (and makes torchrun stop the others) before rank 0 has saved
+        stop = self._stop.exit(f"the run state after epoch {p.epoch} step {p.step} is in {path}",
+                               resume_command(path))
+        if self.env.is_main:
+            print(str(stop), file=sys.stderr, flush=True)
+            _log.warning("stopped by a signal at step %d; saved %s", p.step, path)
+        raise stop
 
     def _optimizer_step(self, micro: List, plan) -> tuple:
         env = self.env
@@ -480,6 +513,17 @@ class Trainer(ABC):
             f"  tensorboard --logdir {self.output_dir / 'tensorboard'}",
         ]
         print("\n".join(lines), flush=True)
+
+
+def resume_command(ckpt: Path) -> str:
+    """This process's command line with ``train.resume=<ckpt>`` (replacing any earlier one); under torchrun the
+    same torchrun command with that override."""
+    args = [a for a in sys.argv[1:] if not a.startswith(("train.resume=", "+train.resume="))]
+    prog = sys.argv[0] if sys.argv else "tools/train_cls.py"
+    cmd = " ".join(shlex.quote(a) for a in ["python", prog, *args, f"train.resume={ckpt}"])
+    if os.environ.get("TORCHELASTIC_RUN_ID"):
+        cmd += "   (under torchrun: your torchrun command with the same overrides)"
+    return cmd
 
 
 def _short(v: Any) -> str:

@@ -1,0 +1,196 @@
+"""Faults of a training run that must lose nothing: a bad validation image (the trained epoch is saved before
+validating; ``data.verify`` lists every unreadable file up front), a stop signal (SIGTERM / SIGUSR1: finish the
+step, save, exit with a resume command; the resumed run ends bitwise equal), the input size a run trains at."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mdeq.engine.checkpoint import load_checkpoint
+
+from .conftest import ROOT, fast_overrides, run_tool, tool_env
+from .test_resume_ddp import RESUME_OPTS, _assert_same_state, _step_of
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _break(path: Path) -> None:
+    path.write_bytes(b"this is not a PNG file")
+
+
+# ---------------------------------------------------------------------------------------------- bad val image
+@pytest.mark.slow
+def test_bad_val_image_keeps_the_trained_epoch_and_resume_validates_it(digits_small, tmp_path):
+    data = _copy(digits_small, tmp_path / "data")
+    bad = sorted((data / "val" / "3").iterdir())[0]
+    good = bad.read_bytes()
+    _break(bad)
+    opts = ["train.epochs=1", "train.ema.enabled=true", "train.ema.decay=0.9"]
+    run_dir = tmp_path / "run"
+    proc = run_tool("train_cls.py", fast_overrides(data, *opts) + [f"hydra.run.dir={run_dir}"], cwd=tmp_path,
+                    check=False)
+    assert proc.returncode != 0
+    assert str(bad) in proc.stderr  # the run-time error names the file
+    ckpt = run_dir / "checkpoints" / "last.pth"
+    assert _step_of(ckpt) == 6  # the whole trained epoch (60 images / 10), saved before validation
+    assert not (run_dir / "metrics.json").exists()
+
+    bad.write_bytes(good)
+    run_tool("train_cls.py", fast_overrides(data, *opts) + [f"train.resume={ckpt}",
+                                                            f"hydra.run.dir={tmp_path / 'resume_hydra'}"], cwd=tmp_path)
+    ref_dir = tmp_path / "ref"
+    run_tool("train_cls.py", fast_overrides(data, *opts) + [f"hydra.run.dir={ref_dir}"], cwd=tmp_path)
+    _assert_same_state(load_checkpoint(ref_dir / "checkpoints" / "last.pth"), load_checkpoint(ckpt))
+    m_ref = json.loads((ref_dir / "metrics.json").read_text())
+    m_res = json.loads((run_dir / "metrics.json").read_text())
+    assert m_res["val_top1"] == m_ref["val_top1"] and m_res["val_loss"] == m_ref["val_loss"]
+
+
+def test_data_verify_lists_every_unreadable_file_before_training(digits_small, tmp_path):
+    data = _copy(digits_small, tmp_path / "data")
+    broken = [sorted((data / "val" / "1").iterdir())[0], sorted((data / "train" / "7").iterdir())[2],
+              sorted((data / "train" / "0").iterdir())[1]]
+    for p in broken:
+        _break(p)
+    (data / "train" / "0" / "empty.png").write_bytes(b"")
+    proc = run_tool("train_cls.py", fast_overrides(data, "data.verify=true") + [f"hydra.run.dir={tmp_path / 'r'}"],
+                    cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    err = proc.stderr
+    assert "data.verify: 4 of 91 files cannot be read" in err
+    for p in broken + [data / "train" / "0" / "empty.png"]:
+        assert str(p) in err
+    assert not (tmp_path / "r" / "checkpoints").exists()  # nothing trained
+
+
+def test_unit_verify_and_typical_size(digits_small, tmp_path):
+    from mdeq.data.classification import ImageFolderDataset
+    from mdeq.data.errors import UnreadableImageError
+    from mdeq.data.inspect import typical_image_size, verify_datasets
+
+    data = _copy(digits_small, tmp_path / "data")
+    train = ImageFolderDataset(data / "train")
+    assert verify_datasets({"train": train}) == 60
+    assert typical_image_size(train) == 32  # the digits cache holds 32x32 PNGs
+    _break(Path(train.samples[5][0]))
+    with pytest.raises(UnreadableImageError, match=r"1 of 60 files cannot be read:\n  \[train\] .*"):
+        verify_datasets({"train": train})
+
+
+# ---------------------------------------------------------------------------------------------- input size
+def test_training_logs_its_input_size_and_warns_far_from_the_data(digits_small, tmp_path):
+    from mdeq.engine.classification_trainer import report_input_size
+    from mdeq.data.classification import ImageFolderDataset
+    import logging
+
+    train = ImageFolderDataset(digits_small / "train")
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    log = logging.getLogger("mdeq.train")
+    handler = Keep()
+    log.addHandler(handler)
+    old = log.level
+    log.setLevel(logging.INFO)
+    try:
+        report_input_size({"input_size": (3, 16, 16)}, train, "mdeq_tiny")  # 2x: fine
+        report_input_size({"input_size": (3, 224, 224)}, train, "mdeq_small")  # 7x: warned
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old)
+    infos = [r.getMessage() for r in records if r.levelno == logging.INFO]
+    warns = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    assert infos[0].startswith("input size 16x16") and "32 px" in infos[0]
+    assert len(warns) == 1 and "training at 224x224" in warns[0] and "data.overrides.input_size=32" in warns[0]
+
+
+# ---------------------------------------------------------------------------------------------- stop signals
+def _run_until(cmd, ckpt: Path, step: int, cwd: Path):
+    proc = subprocess.Popen(cmd, cwd=cwd, env=tool_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while _step_of(ckpt) < step:
+        assert proc.poll() is None, "the run ended before it could be stopped:\n" + proc.stderr.read()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.02)
+    return proc
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_stop_signal_saves_and_the_resumed_run_is_bitwise_equal(digits_small, tmp_path, sig):
+    opts = [o for o in RESUME_OPTS if not o.startswith("train.checkpoint_interval")] + ["train.checkpoint_interval=2"]
+    overrides = fast_overrides(digits_small, *opts)
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    ckpt = run_dir / "checkpoints" / "last.pth"
+    proc = _run_until([sys.executable, str(ROOT / "tools" / "train_cls.py"), *overrides, f"hydra.run.dir={run_dir}"],
+                      ckpt, 2, tmp_path)
+    os.kill(proc.pid, sig)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + sig, err[-3000:]
+    stopped_at = _step_of(ckpt)
+    assert 2 <= stopped_at < 12 and not (run_dir / "metrics.json").exists()
+    assert f"stopped by {signal.Signals(sig).name}" in err and f"step {stopped_at} is in {ckpt}" in err
+    resume = err.split("resume with: ", 1)[1].splitlines()[0]
+    assert resume.endswith(f"train.resume={ckpt}")
+
+    run_tool("train_cls.py", overrides + [f"train.resume={ckpt}", f"hydra.run.dir={tmp_path / 'resume_hydra'}"],
+             cwd=tmp_path)
+    run_tool("train_cls.py", overrides + [f"hydra.run.dir={ref_dir}"], cwd=tmp_path)
+    _assert_same_state(load_checkpoint(ref_dir / "checkpoints" / "last.pth"), load_checkpoint(ckpt))
+    m_ref = json.loads((ref_dir / "metrics.json").read_text())
+    m_res = json.loads((run_dir / "metrics.json").read_text())
+    assert m_res["val_top1"] == m_ref["val_top1"] and m_res["steps"] == 12
+
+
+def _children(pid: int) -> list:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def _rank_of(pid: int) -> int:
+    env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return int(next(e for e in env if e.startswith(b"RANK=")).split(b"=", 1)[1])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the torchrun workers through /proc")
+def test_torchrun_ranks_stop_at_the_same_step_when_one_is_told(digits_small, tmp_path):
+    overrides = fast_overrides(digits_small, "train.checkpoint_interval=2", "train.ema.enabled=true",
+                               "schedule.pretrain_steps=4", "schedule.jac.weight=0.0",
+                               "train.epochs=4")  # 3 steps per epoch with 2 ranks
+    run_dir = tmp_path / "run"
+    ckpt = run_dir / "checkpoints" / "last.pth"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                str(ROOT / "tools" / "train_cls.py")]
+    proc = _run_until(torchrun + overrides + [f"hydra.run.dir={run_dir}"], ckpt, 2, tmp_path)
+    workers = {_rank_of(c): c for c in _children(proc.pid)}
+    os.kill(workers[1], signal.SIGTERM)  # only rank 1 is told; rank 0 must stop after the same step
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    stopped_at = _step_of(ckpt)
+    assert 2 <= stopped_at < 12 and not (run_dir / "metrics.json").exists()
+    assert err.count("stopped by SIGTERM") == 1 and f"step {stopped_at} is in {ckpt}" in err  # printed by rank 0
+
+    # ranks > 0 reseed on a multi-rank resume (run_state), so the resumed run is reproducible, not bitwise
+    # rank 0's uninterrupted run; what matters here is that it picks up where all ranks stopped
+    res = subprocess.run(torchrun + overrides + [f"train.resume={ckpt}", f"hydra.run.dir={tmp_path / 'resume_hydra'}"],
+                         cwd=tmp_path, env=tool_env(), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["steps"] == 12 and m["world_size"] == 2
+    assert f"resumed at epoch {stopped_at // 3}, step {stopped_at}" in res.stdout + res.stderr
