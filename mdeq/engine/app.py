@@ -1,10 +1,11 @@
 """Glue between the Hydra tools and the engine: the config groups whose defaults live in the code, resolvers,
-old setting names, the run folder under torchrun, logging setup, and the bodies of the training tools."""
+old setting names, the rule by which a tool takes or refuses a group option, the run folder under torchrun,
+logging setup, and the bodies of the training tools."""
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Mapping, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -17,10 +18,21 @@ from .distributed import DistEnv, broadcast_object, init_distributed, shared_run
 from .legacy import check_config
 from .segmentation_trainer import SegmentationTrainer
 
-__all__ = ["CONFIG_MODULE", "register_configs", "plain_config", "resolve_output_dir", "setup_logging",
-           "run_classification", "run_segmentation"]
+__all__ = ["CONFIG_MODULE", "CODE_CONFIGS", "TASK_GROUPS", "register_configs", "config_task", "task_refusal",
+           "check_task", "plain_config", "resolve_output_dir", "setup_logging", "run_classification",
+           "run_segmentation"]
 
 CONFIG_MODULE = "mdeq.configs"  # the Hydra config package (mdeq/configs/), shipped with the package
+
+# the group options registered in code (no YAML file) by register_configs, with the line the tools' --help shows
+CODE_CONFIGS = {
+    "deq/base": "every mdeq.core.DEQ option, null: the model's own settings (the base of the deq files)",
+    "schedule/base": "the training schedule's defaults in the code (mdeq.engine.deq_schedule; the base of "
+                     "schedule/default)",
+}
+
+# the groups whose options are for one task (a ``task`` key; none: classification); a tool refuses the others'
+TASK_GROUPS = ("model", "data")
 
 
 def register_configs() -> None:
@@ -33,6 +45,30 @@ def register_configs() -> None:
     store = ConfigStore.instance()
     store.store(group="deq", name="base", node={name: None for name in DEQ_OPTIONS})
     store.store(group="schedule", name="base", node=schedule_defaults())
+
+
+def config_task(node: Mapping[str, Any]) -> str:
+    """The task a config (a tool's, or a model / data option's) is for: its ``task`` key, else classification."""
+    return node.get("task") or "classification"
+
+
+def task_refusal(group: str, node: Mapping[str, Any], task: str) -> Optional[str]:
+    """Why a tool that trains ``task`` refuses this option of a task group (``TASK_GROUPS``); None: it takes it.
+    The one rule by which the training tools take or refuse a group option (their ``--help`` lists by it)."""
+    other = config_task(node)
+    if other == task:
+        return None
+    tool = "tools/train_seg.py" if other == "segmentation" else "tools/train_cls.py or tools/finetune.py"
+    return (f"{group} {node.get('name')!r} is a {other} config and this tool trains {task} models; train {other} "
+            f"models with {tool} (a tool's --help lists the options it takes)")
+
+
+def check_task(config: Mapping[str, Any], task: str) -> None:
+    """Refuse a run config whose model or data option is for another task than the tool's."""
+    for group in TASK_GROUPS:
+        problem = task_refusal(group, config[group], task)
+        if problem:
+            raise SystemExit(problem)
 
 
 def plain_config(cfg: DictConfig) -> Dict[str, Any]:
@@ -61,10 +97,7 @@ def run_classification(cfg: DictConfig, require_start_weights: bool = False) -> 
     config = plain_config(cfg)
     check_config(config)
     model, train = config["model"], config["train"]
-    for group in ("model", "data"):
-        if config[group].get("task") == "segmentation":
-            raise SystemExit(f"{group}={config[group].get('name')} is a segmentation config; train segmentation "
-                             f"models with tools/train_seg.py")
+    check_task(config, "classification")
     if str(config.get("recipe") or "").startswith("digits_") and config["data"].get("name") != "digits":
         raise SystemExit(
             f"experiment={config['recipe']} is a recipe for the bundled digits and would be applied to "
@@ -85,11 +118,7 @@ def run_segmentation(cfg: DictConfig) -> Dict[str, Any]:
     """The body of ``train_seg``: check the config is a segmentation one, join torchrun's group, train."""
     config = plain_config(cfg)
     check_config(config)
-    for group in ("model", "data"):
-        if config[group].get("task") != "segmentation":
-            raise SystemExit(
-                f"{group}={config[group].get('name')} is a classification config; train_seg needs segmentation "
-                f"configs: model=seg_mdeq_small|seg_mdeq_large|seg_mdeq_xl, data=cityscapes|seg_folder|synthetic_seg")
+    check_task(config, "segmentation")
     if config.get("recipe") == "synthetic_seg" and config["data"].get("name") != "synthetic":
         raise SystemExit(
             "experiment=synthetic_seg (the default) is the recipe of the bundled generated data and would be applied "
