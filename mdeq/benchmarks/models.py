@@ -32,11 +32,9 @@ def _load(name: str, checkpoint: Optional[Path]):
 
     model = timm.create_model(name)
     if checkpoint is not None:
-        from safetensors.torch import load_file
+        from mdeq.engine.weights import read_state_dict
 
-        sd = load_file(checkpoint) if checkpoint.suffix == ".safetensors" else torch.load(
-            checkpoint, map_location="cpu", weights_only=True)
-        load_converted(model, sd)
+        load_converted(model, read_state_dict(checkpoint))
     return model.eval()
 
 

@@ -28,10 +28,17 @@ from mdeq.benchmarks import models as model_bench
 from mdeq.benchmarks import segmentation as seg_bench
 from mdeq.benchmarks import solvers as solver_bench
 from mdeq.benchmarks import training as train_bench
+from mdeq.cli.common import reported_errors
+from mdeq.engine.weights import read_state_dict
 from mdeq.models.config import SEG_PRESETS
 
 
 def main(argv=None) -> int:
+    with reported_errors():  # a --checkpoint that is not weights: the file, what it is, the formats accepted
+        return _main(argv)
+
+
+def _main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("cell", help="one cell evaluation: eager vs channels-last vs compiled vs bf16")
@@ -178,8 +185,8 @@ def main(argv=None) -> int:
                 parser.error(f"--{name.replace('_', '-')} must be at least 1")
         if args.tol is not None and args.tol < 0:
             parser.error("--tol must be >= 0")
-        if args.checkpoint and not args.checkpoint.is_file():
-            parser.error(f"--checkpoint {args.checkpoint} does not exist")
+        if args.checkpoint:
+            read_state_dict(args.checkpoint)  # here, not in each configuration's subprocess
         configs = seg_bench.default_configs(args.model, sizes, max_iter=args.max_iter,
                                             unroll_steps=args.unroll_steps, tol=args.tol)
         result = seg_bench.run(configs, repeats=args.repeats, device=args.device, amp=args.amp,

@@ -7,8 +7,9 @@ import argparse
 import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence, TypeVar
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, TypeVar
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -18,8 +19,9 @@ from mdeq.core import list_solvers  # noqa: E402
 from mdeq.engine.app import register_configs  # noqa: E402
 from mdeq.engine.distributed import DistEnv, broadcast_object, init_distributed, shutdown_distributed  # noqa: E402
 from mdeq.engine.legacy import check_overrides  # noqa: E402
+from mdeq.engine.weight_files import WeightsFileError  # noqa: E402
 
-__all__ = ["hydra_tool", "exit_code_main", "add_job_flags", "run_distributed", "output_folder",
+__all__ = ["hydra_tool", "exit_code_main", "reported_errors", "add_job_flags", "run_distributed", "output_folder",
            "add_solver_flags", "solver_changes"]
 
 T = TypeVar("T")
@@ -33,7 +35,8 @@ def hydra_tool(config_name: str, job: Callable[[Any], Any]) -> Callable[[], None
 
     @hydra.main(version_base="1.3", config_path="../configs", config_name=config_name)
     def app(cfg) -> Any:
-        return job(cfg)
+        with reported_errors():
+            return job(cfg)
 
     def main() -> None:
         check_overrides(sys.argv[1:])
@@ -46,10 +49,21 @@ def exit_code_main(run: Callable[[Optional[Sequence[str]]], Any]) -> Callable[..
     """The ``main(argv) -> 0`` (a console script's entry) of a program whose ``run(argv)`` returns its results."""
 
     def main(argv: Optional[Sequence[str]] = None) -> int:
-        run(argv)
+        with reported_errors():
+            run(argv)
         return 0
 
     return main
+
+
+@contextmanager
+def reported_errors() -> Iterator[None]:
+    """End the program with the message of a file that is not usable weights or a checkpoint (it names the file,
+    says what it is and lists the formats accepted), not a traceback."""
+    try:
+        yield
+    except WeightsFileError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def add_job_flags(parser: argparse.ArgumentParser, tool: str, writes: str) -> None:

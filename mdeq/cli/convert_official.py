@@ -12,11 +12,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 
-from mdeq.models import (StateDictMismatch, build_preset, convert_official_state_dict, infer_preset,
-                         load_converted)
+from mdeq.cli.common import reported_errors
+from mdeq.engine.weights import read_state_dict
+from mdeq.models import StateDictMismatch, build_preset, infer_preset, load_converted
 
 
 def main(argv=None) -> int:
@@ -27,12 +27,10 @@ def main(argv=None) -> int:
     parser.add_argument("--task", choices=("cls", "seg"), help="classification or segmentation (with --model)")
     args = parser.parse_args(argv)
 
-    if not args.checkpoint.is_file():
-        parser.error(f"checkpoint {args.checkpoint} does not exist")
     if args.output.suffix != ".safetensors":
         parser.error(f"output must end in .safetensors, got {args.output.name}")
-    raw = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-    sd = convert_official_state_dict(raw)
+    with reported_errors():  # not a checkpoint: the file, what it is and the formats accepted
+        sd = read_state_dict(args.checkpoint)  # converted to this package's names
     try:
         if args.model:
             task = args.task or ("seg" if "last_layer.3.weight" in sd else "cls")

@@ -132,12 +132,13 @@ def main(argv=None) -> int:
     from timm.models._hub import save_config_for_hf
 
     import mdeq  # noqa: F401
+    from mdeq.cli.common import reported_errors
     from mdeq.engine.checkpoint import load_checkpoint
-    from mdeq.engine.rebuild import is_training_checkpoint, model_from_checkpoint
+    from mdeq.engine.rebuild import model_from_checkpoint, require_training_checkpoint
 
-    ckpt = load_checkpoint(args.checkpoint)
-    if not is_training_checkpoint(ckpt):
-        p.error(f"{args.checkpoint} is not a training checkpoint of this package")
+    with reported_errors():  # not a training checkpoint: the file, what it is and what is accepted
+        ckpt = load_checkpoint(args.checkpoint)
+        require_training_checkpoint(ckpt, str(args.checkpoint))
     ident, cfg = ckpt["identity"], ckpt["config"]
     arch = args.name.split(".", 1)[0]
     if arch != ident["arch"]:

@@ -7,7 +7,8 @@ Rooms:
   (the tasks), ``deq_schedule`` (unrolled pre-training, DEQ mode, the Jacobian penalty's schedule),
   ``deq_loss`` (the DEQ terms of a loss), ``run_state`` (what a checkpoint holds, resume), ``precise_bn``,
   ``train_stats`` (logged running means), ``amp``, ``distributed`` (torchrun / DDP), ``run_logger``;
-* files: ``checkpoint`` (atomic save, safe load), ``legacy`` (old setting names and checkpoint formats),
+* files: ``weight_files`` (the one safe reader of weights and checkpoint files; what a file that is not one is),
+  ``checkpoint`` (atomic save, safe load), ``legacy`` (old setting names and checkpoint formats),
   ``rebuild`` (the one function from a checkpoint to its model), ``model_source`` (a model from a checkpoint,
   weights file or tag), ``weights`` (reading weights, partial loads, freezing), ``seg_model`` (the segmentation
   model of a run);

@@ -16,13 +16,10 @@ import numpy as np
 import torch
 
 from .legacy import upgrade_checkpoint
+from .weight_files import CHECKPOINT_FORMATS, CheckpointError, describe_content, read_weights_file, weights_file_error
 
 __all__ = ["save_atomic", "load_checkpoint", "capture_rng_state", "restore_rng_state", "CheckpointError",
            "plain_data"]
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, unreadable, or belongs to a different run setup (the message says which)."""
 
 
 def save_atomic(obj: Any, path: Union[str, Path]) -> Path:
@@ -46,16 +43,12 @@ def save_atomic(obj: Any, path: Union[str, Path]) -> Path:
 
 
 def load_checkpoint(path: Union[str, Path], map_location: Any = "cpu") -> Dict[str, Any]:
-    """Load a training checkpoint (safe unpickling: tensors, plain containers and numbers only)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+    """Load a training checkpoint (safe unpickling: tensors, plain containers and numbers only). A file that is not
+    one raises ``WeightsFileError`` (a ``CheckpointError``) saying what it is (``weight_files.read_weights_file``)."""
+    ckpt = read_weights_file(path, "checkpoint", CHECKPOINT_FORMATS, map_location)
     if not isinstance(ckpt, dict):
-        raise CheckpointError(f"{path} does not hold a checkpoint dict (found {type(ckpt).__name__})")
+        raise weights_file_error(path, f"it does not hold a checkpoint dict: it is {describe_content(ckpt)}",
+                                 "checkpoint", CHECKPOINT_FORMATS)
     return upgrade_checkpoint(ckpt)
 
 

@@ -28,7 +28,7 @@ from ..data.loaders import build_eval_loader, build_train_loader
 from .checkpoint import load_checkpoint, save_atomic
 from .distributed import DistEnv
 from .evaluate import evaluate_classifier
-from .rebuild import model_from_checkpoint
+from .rebuild import model_from_checkpoint, require_training_checkpoint
 from .run_logger import write_json_atomic
 
 __all__ = ["distill_classifier"]
@@ -46,7 +46,8 @@ def distill_classifier(checkpoint: str, output_dir: Path, env: DistEnv, data_roo
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     ckpt = load_checkpoint(checkpoint)
-    if "identity" not in ckpt or ckpt["identity"].get("task", "classification") != "classification":
+    require_training_checkpoint(ckpt, str(checkpoint))  # else: what the file is, and what is accepted
+    if ckpt["identity"].get("task", "classification") != "classification":
         raise ValueError(f"{checkpoint} is not a classification training checkpoint of this package")
     cfg = ckpt["config"]
     torch.manual_seed(seed)

@@ -3,6 +3,7 @@
 checkpoint) or a timm name with a tag."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -10,9 +11,10 @@ import timm
 import torch
 
 from ..models import create_segmentation_model, infer_preset, list_segmentation_models, load_converted
-from .checkpoint import load_checkpoint
+from .legacy import upgrade_checkpoint
 from .rebuild import LoadedModel, is_training_checkpoint, model_from_checkpoint
-from .weights import read_state_dict, state_dict_from
+from .weight_files import WEIGHT_SUFFIXES, WEIGHTS_FORMATS, read_weights_file
+from .weights import state_dict_from
 
 __all__ = ["LoadedModel", "load_model_for_eval", "load_segmentation_model_for_eval"]
 
@@ -20,8 +22,9 @@ __all__ = ["LoadedModel", "load_model_for_eval", "load_segmentation_model_for_ev
 def load_model_for_eval(source: str, model_name: Optional[str] = None, num_classes: Optional[int] = None,
                         use_ema: bool = False) -> LoadedModel:
     path = Path(source)
-    if path.is_file():
-        raw = _read_file(path)
+    if _is_local(source):
+        accepted = f"{WEIGHTS_FORMATS}; or a timm model name with a pretrained tag, e.g. mdeq_small.<tag>"
+        raw = _read_file(path, accepted)
         if is_training_checkpoint(raw):
             if raw["identity"].get("task", "classification") != "classification":
                 raise ValueError(f"{path} is a {raw['identity']['task']} checkpoint; eval_cls evaluates classifiers "
@@ -29,11 +32,7 @@ def load_model_for_eval(source: str, model_name: Optional[str] = None, num_class
             return model_from_checkpoint(raw, use_ema, where=str(path))
         if use_ema:
             raise ValueError(f"--ema needs a training checkpoint with EMA weights; {path} is a plain weights file")
-        sd = state_dict_from(raw, path) if raw is not None else read_state_dict(path)
-        return _from_weights_file(path, sd, model_name, num_classes)
-    if path.suffix in (".pth", ".pt", ".pkl", ".bin", ".safetensors", ".tar") or "/" in source:
-        raise FileNotFoundError(f"{source} does not exist (expected a checkpoint or weights file, or a timm model "
-                                f"name such as mdeq_small.<tag>)")
+        return _from_weights_file(path, state_dict_from(raw, path, accepted=accepted), model_name, num_classes)
     kwargs = {} if num_classes is None else dict(num_classes=num_classes)
     model = timm.create_model(source, pretrained="." in source, **kwargs)
     return LoadedModel(model=model, arch=source.split(".")[0], description=f"timm model {source}")
@@ -61,8 +60,9 @@ def load_segmentation_model_for_eval(source: str, model_name: Optional[str] = No
     official Cityscapes checkpoint; the preset is inferred unless ``model_name`` is given) or a published
     tag ``arch.tag`` (e.g. ``mdeq_small.cityscapes_official``)."""
     path = Path(source)
-    if path.is_file():
-        raw = _read_file(path)
+    if _is_local(source):
+        accepted = f"{WEIGHTS_FORMATS}; or a published tag such as mdeq_small.cityscapes_official"
+        raw = _read_file(path, accepted)
         if is_training_checkpoint(raw):
             if raw["identity"].get("task") != "segmentation":
                 raise ValueError(f"{path} is a {raw['identity'].get('task', 'classification')} checkpoint; eval_seg "
@@ -70,7 +70,7 @@ def load_segmentation_model_for_eval(source: str, model_name: Optional[str] = No
             return model_from_checkpoint(raw, use_ema, where=str(path))
         if use_ema:
             raise ValueError(f"--ema needs a training checkpoint with EMA weights; {path} is a plain weights file")
-        sd = state_dict_from(raw, path) if raw is not None else read_state_dict(path)
+        sd = state_dict_from(raw, path, accepted=accepted)
         if model_name is None:
             model_name, task, _ = infer_preset(sd)
             if task != "seg":
@@ -83,9 +83,6 @@ def load_segmentation_model_for_eval(source: str, model_name: Optional[str] = No
         model = create_segmentation_model(model_name, num_classes=classes)
         load_converted(model, sd)
         return LoadedModel(model=model, arch=model_name, description=f"weights file {path}")
-    if path.suffix in (".pth", ".pt", ".pkl", ".bin", ".safetensors", ".tar") or "/" in source:
-        raise FileNotFoundError(f"{source} does not exist (expected a checkpoint or weights file, or a published "
-                                f"tag such as mdeq_small.cityscapes_official)")
     arch, _, tag = source.partition(".")
     if arch not in list_segmentation_models():
         raise ValueError(f"{source!r}: {arch!r} is not a segmentation preset ({list_segmentation_models()})")
@@ -93,12 +90,13 @@ def load_segmentation_model_for_eval(source: str, model_name: Optional[str] = No
     return LoadedModel(model=model, arch=arch, description=f"published weights {source}")
 
 
-def _read_file(path: Path) -> Optional[Any]:
-    """The unpickled content of a .pth/.pkl-style file (a training checkpoint or a state dict), or None when it is
-    safetensors or not a safe pickle (``read_state_dict`` then reads it and reports what is wrong)."""
-    if path.suffix == ".safetensors":
-        return None
-    try:
-        return load_checkpoint(path)
-    except Exception:
-        return None
+def _is_local(source: str) -> bool:
+    """Whether ``source`` names a file (an existing one, or by its suffix or a folder in it), not a timm name."""
+    return Path(source).is_file() or Path(source).suffix in WEIGHT_SUFFIXES or "/" in source or os.sep in source
+
+
+def _read_file(path: Path, accepted: str) -> Any:
+    """The content of a weights or checkpoint file, a training checkpoint upgraded to the current format; a file
+    that is not one raises ``WeightsFileError`` saying what it is."""
+    raw = read_weights_file(path, accepted=accepted)
+    return upgrade_checkpoint(raw) if is_training_checkpoint(raw) else raw

@@ -18,8 +18,10 @@ from torch import nn
 from ..models import create_segmentation_model, describe_mismatch, state_shapes
 from .checkpoint import CheckpointError, load_checkpoint
 from .deq_schedule import DEQSchedule, build_schedule
+from .weight_files import CHECKPOINT_FORMATS, describe_content, weights_file_error
 
-__all__ = ["LoadedModel", "model_from_checkpoint", "TASK_BUILDERS", "is_training_checkpoint"]
+__all__ = ["LoadedModel", "model_from_checkpoint", "TASK_BUILDERS", "is_training_checkpoint",
+           "require_training_checkpoint"]
 
 # task -> build(arch, num_classes, **model_kwargs)
 TASK_BUILDERS: Dict[str, Callable[..., nn.Module]] = {
@@ -48,6 +50,14 @@ def is_training_checkpoint(obj: Any) -> bool:
     return isinstance(obj, Mapping) and "identity" in obj and "model" in obj
 
 
+def require_training_checkpoint(obj: Any, where: str) -> None:
+    """Raise ``WeightsFileError`` saying what ``obj`` (the content of file ``where``) is, unless it is a training
+    checkpoint of this package."""
+    if not is_training_checkpoint(obj):
+        raise weights_file_error(where, f"it is {describe_content(obj)}, not a training checkpoint of this package "
+                                        f"(it has no identity and model entries)", "checkpoint", CHECKPOINT_FORMATS)
+
+
 def model_from_checkpoint(source: Union[str, Path, Mapping[str, Any]], use_ema: bool = False,
                           arch_overrides: Optional[Mapping[str, Any]] = None,
                           where: Optional[str] = None) -> LoadedModel:
@@ -61,9 +71,7 @@ def model_from_checkpoint(source: Union[str, Path, Mapping[str, Any]], use_ema: 
     """
     path = where or ("the checkpoint" if isinstance(source, Mapping) else str(source))
     ckpt = source if isinstance(source, Mapping) else load_checkpoint(source)
-    if not is_training_checkpoint(ckpt):
-        raise CheckpointError(f"{path} is not a training checkpoint of this package (it has no identity and model "
-                              f"entries)")
+    require_training_checkpoint(ckpt, path)
     ident, cfg = ckpt["identity"], ckpt["config"]
     task = ident.get("task", "classification")
     if task not in TASK_BUILDERS:

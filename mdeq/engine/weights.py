@@ -10,6 +10,7 @@ from torch import nn
 
 from ..models.convert import (StateDictMismatch, convert_official_state_dict, describe_mismatch,
                               is_official_state_dict, state_shapes)
+from .weight_files import WEIGHTS_FORMATS, describe_content, read_weights_file, weights_file_error
 
 __all__ = ["read_state_dict", "state_dict_from", "load_backbone_weights", "FREEZE_GROUPS", "freeze_groups"]
 
@@ -17,35 +18,27 @@ __all__ = ["read_state_dict", "state_dict_from", "load_backbone_weights", "FREEZ
 FREEZE_GROUPS = {"stem": ["downsample", "stage0"], "cell": ["fullstage"]}
 
 
-def read_state_dict(path: Union[str, Path], prefer_ema: bool = False) -> Dict[str, torch.Tensor]:
-    """The model state dict stored in ``path`` (``.safetensors``, ``.pth``/``.pt``/``.pkl``/``.bin``).
+def read_state_dict(path: Union[str, Path], prefer_ema: bool = False,
+                    accepted: str = WEIGHTS_FORMATS) -> Dict[str, torch.Tensor]:
+    """The model state dict stored in ``path`` (safetensors, or a ``torch.save`` file: .pth/.pt/.pkl/.bin).
 
     A training checkpoint of this package gives its ``model`` entry (``model_ema`` with ``prefer_ema``);
-    an official MDEQ checkpoint is converted to this package's names.
+    an official MDEQ checkpoint is converted to this package's names. A file that is none of these raises
+    ``WeightsFileError`` saying what it is and listing ``accepted``.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        sd: Mapping = load_file(str(path), device="cpu")
-    else:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"cannot read weights from {path}: {type(e).__name__}: {e}") from e
-    return state_dict_from(sd, path, prefer_ema)
+    return state_dict_from(read_weights_file(path, accepted=accepted), path, prefer_ema, accepted)
 
 
-def state_dict_from(sd: object, path: Union[str, Path], prefer_ema: bool = False) -> Dict[str, torch.Tensor]:
+def state_dict_from(content: object, path: Union[str, Path], prefer_ema: bool = False,
+                    accepted: str = WEIGHTS_FORMATS) -> Dict[str, torch.Tensor]:
     """The model state dict inside an already loaded file's content (see ``read_state_dict``)."""
+    sd = content
     if isinstance(sd, Mapping) and "model" in sd and isinstance(sd["model"], Mapping):  # a training checkpoint
         sd = sd["model_ema"] if prefer_ema and isinstance(sd.get("model_ema"), Mapping) else sd["model"]
     if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
         sd = sd["state_dict"]
-    if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors")
+    if not isinstance(sd, Mapping) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise weights_file_error(path, f"it is {describe_content(content)}", accepted=accepted)
     if is_official_state_dict(sd):
         sd = convert_official_state_dict(sd)
     if sd and all(k.startswith("module.") for k in sd):
