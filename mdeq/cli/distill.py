@@ -9,6 +9,8 @@ only the student's small per-resolution generator is trained. The output ``disti
 ``solver='consistency'`` (its ``max_iter`` = student steps) in eval_cls and publishes with publish_weights.
 """
 import argparse
+import shlex
+from pathlib import Path
 import logging
 import sys
 
@@ -35,8 +37,28 @@ def parse_args(argv=None):
     p.add_argument("--eval-iters", type=int, nargs="+", default=[1, 2, 4],
                    help="student steps to evaluate; the smallest becomes the checkpoint's default")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", metavar="LAST_PTH",
+                   help="continue a distillation stopped by SIGTERM / SIGUSR1 / Ctrl-C from the last.pth it wrote "
+                        "(same arguments; with --output its folder)")
     add_job_flags(p, "distill", "distilled.pth / metrics.json")
     return p.parse_args(argv)
+
+
+def _resume_hint(argv, out) -> str:
+    """The command that continues this run: its arguments, writing to the same folder, plus ``--resume``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    keep, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+            continue
+        if a in ("--resume", "--output"):
+            skip = True
+            continue
+        if not a.startswith(("--resume=", "--output=")):
+            keep.append(a)
+    prog = sys.argv[0] if sys.argv and sys.argv[0] else "tools/distill.py"
+    return " ".join(shlex.quote(a) for a in ["python", prog, *keep, "--output", str(out), "--resume"])
 
 
 def run(argv=None) -> dict:
@@ -50,13 +72,15 @@ def run(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     def job(env):
-        out = output_folder("distill", args.output, env)
+        given = args.output or (str(Path(args.resume).parent) if args.resume else None)  # resume: the same folder
+        out = output_folder("distill", given, env)
         m = distill_classifier(args.checkpoint, out, env, data_root=args.data_root, teacher_solver=args.teacher_solver,
                                teacher_steps=args.teacher_steps, epochs=args.epochs, batch_size=args.batch_size,
                                lr=args.lr, ema_decay=args.ema_decay, global_weight=args.global_weight,
                                local_weight=args.local_weight, eval_iters=args.eval_iters, seed=args.seed,
                                workers=args.workers, progress=not args.no_progress,
-                               student_kernel_size=args.student_kernel)
+                               student_kernel_size=args.student_kernel, resume=args.resume,
+                               resume_hint=_resume_hint(argv, out))
         return m, out, env.is_main
 
     m, out, is_main = run_distributed(args.device, job)

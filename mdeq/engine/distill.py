@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -25,9 +26,10 @@ from ..core.scope import forward_scope
 from ..data.classification import build_transform, resolve_data_cfg
 from ..data.factory import build_classification_datasets
 from ..data.loaders import build_eval_loader, build_train_loader
-from .checkpoint import load_checkpoint, save_atomic
+from .checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_atomic
 from .distributed import DistEnv
 from .evaluate import evaluate_classifier
+from .preemption import StopSignals
 from .rebuild import model_from_checkpoint, require_training_checkpoint
 from .run_logger import write_json_atomic
 
@@ -41,8 +43,13 @@ def distill_classifier(checkpoint: str, output_dir: Path, env: DistEnv, data_roo
                        batch_size: int = 64, lr: float = 4e-3, weight_decay: float = 0.0, ema_decay: float = 0.98,
                        global_weight: float = 0.9, local_weight: float = 0.1, eval_iters: Sequence[int] = (1, 2, 4),
                        seed: int = 0, workers: int = 2, progress: bool = True,
-                       student_kernel_size: int = 1) -> Dict[str, Any]:
-    """Distil a student into the classifier of ``checkpoint``; writes ``distilled.pth`` and ``metrics.json``."""
+                       student_kernel_size: int = 1, resume: Optional[str] = None,
+                       resume_hint: str = "the same command with --resume") -> Dict[str, Any]:
+    """Distil a student into the classifier of ``checkpoint``; writes ``distilled.pth`` and ``metrics.json``.
+
+    On SIGTERM / SIGUSR1 / Ctrl-C the current step finishes, ``last.pth`` (the distillation's state) is written
+    atomically and ``TrainingStopped`` ends the tool; ``resume=<that file>`` continues bitwise where it stopped
+    (``resume_hint``: the command line the message shows)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     ckpt = load_checkpoint(checkpoint)
@@ -79,38 +86,31 @@ def distill_classifier(checkpoint: str, output_dir: Path, env: DistEnv, data_roo
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total, 1))
     gen = torch.Generator().manual_seed(seed)
     history: List[Dict[str, float]] = []
-    t0 = time.perf_counter()
-    for epoch in range(epochs):
-        loader.dataset.set_epoch(epoch)
-        loader.sampler.set_epoch(epoch)
-        sums = [0.0, 0.0, 0]
-        bar = tqdm(loader, desc=f"distill {epoch + 1}/{epochs}", leave=False, disable=not (progress and env.is_main))
-        for images, _ in bar:
-            images = images.to(env.device)
-            with torch.no_grad(), forward_scope(stage):
-                _, inj = model.forward_stem(images)
-
-                def teacher_step(z, inj=inj):
-                    return stage.cell(list(z), inj)
-
-                traj, z_end = collect_trajectory(teacher_step, stage.initial_state(inj), solver=teacher_solver,
-                                                 num_steps=teacher_steps)
-            n = torch.randint(0, teacher_steps, (images.shape[0],), generator=gen).to(env.device)
-            with forward_scope(stage):
-                g_loss, l_loss = consistency_losses(student, ema, traj, times, n, teacher_step, z_end)
-            loss = distillation_loss(g_loss, l_loss, global_weight, local_weight)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            ema.update_parameters(student)
-            sums[0] += g_loss.item()
-            sums[1] += l_loss.item()
-            sums[2] += 1
-            bar.set_postfix(global_loss=f"{g_loss.item():.4f}", local_loss=f"{l_loss.item():.4f}")
-        row = dict(epoch=epoch, global_loss=sums[0] / max(sums[2], 1), local_loss=sums[1] / max(sums[2], 1))
-        history.append(row)
-        _log.info("distill epoch %d: global %.5f local %.5f", epoch, row["global_loss"], row["local_loss"])
+    pos = dict(epoch=0, batch=0, sums=[0.0, 0.0, 0], seconds=0.0)  # where the run is (what a resume restores)
+    settings = dict(teacher=str(checkpoint), teacher_solver=teacher_solver, teacher_steps=teacher_steps,
+                    epochs=epochs, batch_size=batch_size, lr=lr, ema_decay=ema_decay, seed=seed,
+                    student_kernel_size=int(student_kernel_size), world_size=env.world_size)
+    parts = dict(student=student, ema=ema, optimizer=opt, scheduler=sched)
+    if resume:
+        history, pos = _restore_distill_state(resume, settings, parts, gen)
+    last = output_dir / "last.pth"
+    t0 = time.perf_counter() - pos["seconds"]
+    stop = StopSignals()
+    with stop:
+        for epoch in range(pos["epoch"], epochs):
+            _distill_epoch(epoch, epochs, pos, loader, model, stage, student, ema, opt, sched, gen, times,
+                           teacher_solver, teacher_steps, global_weight, local_weight, env, progress, stop)
+            if pos["batch"] < len(loader):  # stopped inside the epoch
+                pos["seconds"] = time.perf_counter() - t0
+                _save_and_stop(stop, last, settings, parts, gen, history, pos, env, resume_hint)
+            sums = pos["sums"]
+            row = dict(epoch=epoch, global_loss=sums[0] / max(sums[2], 1), local_loss=sums[1] / max(sums[2], 1))
+            history.append(row)
+            _log.info("distill epoch %d: global %.5f local %.5f", epoch, row["global_loss"], row["local_loss"])
+            pos.update(epoch=epoch + 1, batch=0, sums=[0.0, 0.0, 0])
+            if stop.agreed(env) and epoch + 1 < epochs:
+                pos["seconds"] = time.perf_counter() - t0
+                _save_and_stop(stop, last, settings, parts, gen, history, pos, env, resume_hint)
     seconds = time.perf_counter() - t0
     student.num_train_steps = teacher_steps
 
@@ -146,3 +146,76 @@ def distill_classifier(checkpoint: str, output_dir: Path, env: DistEnv, data_roo
         save_atomic(out, output_dir / "distilled.pth")
         write_json_atomic(metrics, output_dir / "metrics.json")
     return metrics
+
+
+def _distill_epoch(epoch, epochs, pos, loader, model, stage, student, ema, opt, sched, gen, times, teacher_solver,
+                   teacher_steps, global_weight, local_weight, env, progress, stop) -> None:
+    """One epoch from batch ``pos["batch"]`` on (a resumed epoch skips what was done); returns early, after a
+    whole step, when every rank agrees to stop."""
+    loader.dataset.set_epoch(epoch)
+    loader.sampler.set_epoch(epoch, skip=pos["batch"] * loader.batch_size)
+    sums = pos["sums"]
+    bar = tqdm(loader, desc=f"distill {epoch + 1}/{epochs}", leave=False, initial=pos["batch"], total=len(loader),
+               disable=not (progress and env.is_main))
+    for images, _ in bar:
+        images = images.to(env.device)
+        with torch.no_grad(), forward_scope(stage):
+            _, inj = model.forward_stem(images)
+
+            def teacher_step(z, inj=inj):
+                return stage.cell(list(z), inj)
+
+            traj, z_end = collect_trajectory(teacher_step, stage.initial_state(inj), solver=teacher_solver,
+                                             num_steps=teacher_steps)
+        n = torch.randint(0, teacher_steps, (images.shape[0],), generator=gen).to(env.device)
+        with forward_scope(stage):
+            g_loss, l_loss = consistency_losses(student, ema, traj, times, n, teacher_step, z_end)
+        loss = distillation_loss(g_loss, l_loss, global_weight, local_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        ema.update_parameters(student)
+        sums[0] += g_loss.item()
+        sums[1] += l_loss.item()
+        sums[2] += 1
+        pos["batch"] += 1
+        bar.set_postfix(global_loss=f"{g_loss.item():.4f}", local_loss=f"{l_loss.item():.4f}")
+        if stop.agreed(env) and pos["batch"] < len(loader):
+            break
+    bar.close()
+
+
+def _save_and_stop(stop: StopSignals, path: Path, settings, parts, gen, history, pos, env, resume_hint: str):
+    """Write the distillation's state to ``path`` (rank 0, atomically) and end the tool with ``TrainingStopped``."""
+    if env.is_main:
+        save_atomic(dict(kind="distillation", settings=settings, history=history, position=pos,
+                         generator=gen.get_state(), rng=capture_rng_state(),
+                         **{k: v.state_dict() for k, v in parts.items()}), path)
+    env.barrier()
+    exc = stop.exit(f"the distillation state after epoch {pos['epoch']}, batch {pos['batch']} is in {path}",
+                    f"{resume_hint} {path}")
+    if env.is_main:
+        print(str(exc), file=sys.stderr, flush=True)
+    raise exc
+
+
+def _restore_distill_state(path: str, settings, parts, gen):
+    """(history, position) of a stopped distillation, with the student, EMA, optimizer, schedule and random
+    state restored; refuses a file of another kind or of other settings."""
+    state = load_checkpoint(path)
+    if state.get("kind") != "distillation":
+        raise ValueError(f"--resume {path} is not a distillation state (tools/distill.py writes one as last.pth in "
+                         "its output folder when stopped by a signal)")
+    differ = {k: (state["settings"].get(k), v) for k, v in settings.items() if state["settings"].get(k) != v}
+    if differ:
+        raise ValueError(f"--resume {path} was written with other settings: "
+                         + ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in differ.items()))
+    for k, part in parts.items():
+        part.load_state_dict(state[k])
+    gen.set_state(state["generator"])
+    restore_rng_state(state["rng"])
+    _log.info("resumed the distillation at epoch %d, batch %d", state["position"]["epoch"],
+              state["position"]["batch"])
+    return list(state["history"]), dict(state["position"])
+

@@ -1,5 +1,5 @@
-"""Stopping a training run cleanly when the cluster asks: SIGTERM, SIGUSR1 (SLURM's warning before the kill)
-and a first Ctrl-C (SIGINT) let the current step finish; the tool then saves ``last.pth`` atomically and exits
+"""Stopping a training run cleanly when the cluster asks: SIGTERM, SIGUSR1 (SLURM's warning before the kill),
+SIGHUP (the terminal or ssh session went away) and a first Ctrl-C (SIGINT) let the current step finish; the tool then saves ``last.pth`` atomically and exits
 with a message that says how to resume. A second Ctrl-C interrupts at once, as usual.
 
     with StopSignals() as stop:
@@ -19,8 +19,8 @@ from .distributed import all_reduce_sum
 
 __all__ = ["StopSignals", "TrainingStopped", "STOP_SIGNALS"]
 
-STOP_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None), signal.SIGINT)
-                     if s is not None)
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1", "SIGHUP", "SIGINT")
+                     if hasattr(signal, name))
 
 
 class TrainingStopped(SystemExit):

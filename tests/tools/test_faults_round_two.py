@@ -194,3 +194,70 @@ def test_torchrun_ranks_stop_at_the_same_step_when_one_is_told(digits_small, tmp
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["steps"] == 12 and m["world_size"] == 2
     assert f"resumed at epoch {stopped_at // 3}, step {stopped_at}" in res.stdout + res.stderr
+
+
+@pytest.mark.slow
+def test_distill_stops_on_sigterm_and_resumes_bitwise(digits_small, tmp_path):
+    teacher = tmp_path / "teacher"
+    run_tool("train_cls.py", fast_overrides(digits_small, "schedule.jac.weight=0.0", "schedule.jac.freq=0.0",
+                                            f"hydra.run.dir={teacher}"), cwd=tmp_path)
+    args = [str(teacher / "checkpoints" / "last.pth"), "--data-root", str(digits_small), "--teacher-steps", "4",
+            "--epochs", "3", "--batch-size", "10", "--eval-iters", "1", "--workers", "0", "--no-progress"]
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tools" / "distill.py"), *args, "--output", str(out)],
+                            cwd=tmp_path, env=tool_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stderr:  # the first epoch's log line: the run is inside epoch 1 now
+        seen.append(line)
+        if line.startswith("distill epoch 0:"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    rest, err = proc.communicate(timeout=300)
+    err = "".join(seen) + err
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    last = out / "last.pth"
+    assert "stopped by SIGTERM" in err and not (out / "distilled.pth").exists()
+    resume = err.split("resume with: ", 1)[1].splitlines()[0]
+    assert resume.endswith(f"--output {out} --resume {last}")
+    state = load_checkpoint(last)
+    assert state["kind"] == "distillation" and (state["position"]["epoch"], state["position"]["batch"]) >= (1, 0)
+
+    run_tool("distill.py", args + ["--resume", str(last)], cwd=tmp_path)  # --output defaults to last.pth's folder
+    ref = tmp_path / "ref"
+    run_tool("distill.py", args + ["--output", str(ref)], cwd=tmp_path)
+    a, b = load_checkpoint(ref / "distilled.pth")["model"], load_checkpoint(out / "distilled.pth")["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    m_ref, m_res = (json.loads((d / "metrics.json").read_text()) for d in (ref, out))
+    assert m_res["history"] == m_ref["history"] and m_res["val_top1_student"] == m_ref["val_top1_student"]
+
+
+def test_stop_signals_record_and_restore():
+    from mdeq.engine.preemption import StopSignals, TrainingStopped
+
+    before = signal.getsignal(signal.SIGTERM)
+    with StopSignals() as stop:
+        assert not stop.agreed()
+        os.kill(os.getpid(), signal.SIGHUP)
+        os.kill(os.getpid(), signal.SIGTERM)  # the first signal is the one reported
+        assert stop.agreed() and stop.received == signal.SIGHUP
+        exc = stop.exit("saved x", "python tools/train_cls.py train.resume=x")
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert isinstance(exc, TrainingStopped) and isinstance(exc, SystemExit) and exc.code == 128 + signal.SIGHUP
+    assert str(exc) == "stopped by SIGHUP: saved x\nresume with: python tools/train_cls.py train.resume=x"
+    with pytest.raises(KeyboardInterrupt):
+        with StopSignals() as stop:
+            os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C is recorded ...
+            assert stop.received == signal.SIGINT
+            os.kill(os.getpid(), signal.SIGINT)  # ... a second one interrupts at once
+
+
+def test_data_verify_checks_segmentation_images_and_masks(tmp_path):
+    from mdeq.data.errors import UnreadableImageError
+    from mdeq.data.factory import build_segmentation_dataset
+    from mdeq.data.inspect import verify_datasets
+
+    ds = build_segmentation_dataset("synthetic", tmp_path / "street", "val")
+    image, mask = ds.samples[3]
+    _break(Path(mask))
+    with pytest.raises(UnreadableImageError, match=rf"1 of {2 * len(ds)} files cannot be read:\n  \[val\] {mask}"):
+        verify_datasets({"val": ds})
