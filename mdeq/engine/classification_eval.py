@@ -50,7 +50,8 @@ def evaluate_classification_source(source: str, env: DistEnv, output_dir: Path, 
     elif not data.get("root") and data.get("name") not in CLASSIFICATION_BUILTINS:
         raise SystemExit("--data-root is required: an ImageFolder root with a val/<class>/ split")
     # the run's training data config (else the model's pretrained cfg), then the command line's overrides
-    data_cfg = resolve_data_cfg(model, {**(loaded.data_cfg or {}), "input_size": input_size, "crop_pct": crop_pct})
+    given = {k: v for k, v in (("input_size", input_size), ("crop_pct", crop_pct)) if v is not None}
+    data_cfg = resolve_data_cfg(model, {**(loaded.data_cfg or {}), **given})
     dataset = build_classification_split(data, split, transform=build_transform(data_cfg, False),
                                          classes=loaded.classes, env=env)
     n_out = getattr(model, "num_classes", None)
