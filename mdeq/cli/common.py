@@ -19,6 +19,7 @@ from mdeq.core import list_solvers  # noqa: E402
 from mdeq.engine.app import register_configs  # noqa: E402
 from mdeq.engine.distributed import DistEnv, broadcast_object, init_distributed, shutdown_distributed  # noqa: E402
 from mdeq.engine.legacy import check_overrides  # noqa: E402
+from mdeq.engine.checkpoint import CheckpointWriteError  # noqa: E402
 from mdeq.engine.weight_files import WeightsFileError  # noqa: E402
 
 __all__ = ["hydra_tool", "exit_code_main", "reported_errors", "add_job_flags", "run_distributed", "output_folder",
@@ -58,12 +59,13 @@ def exit_code_main(run: Callable[[Optional[Sequence[str]]], Any]) -> Callable[..
 
 @contextmanager
 def reported_errors() -> Iterator[None]:
-    """End the program with the message of a file that is not usable weights or a checkpoint (it names the file,
-    says what it is and lists the formats accepted), not a traceback."""
+    """End the program with a short message, not a traceback, for what the user fixes outside the code: a file
+    that is not usable weights or a checkpoint (it names the file, says what it is and lists the formats
+    accepted), or a checkpoint that could not be written (full disk, read-only folder: it names both)."""
     try:
         yield
-    except WeightsFileError as e:
-        raise SystemExit(f"error: {e}") from None
+    except (WeightsFileError, CheckpointWriteError) as e:
+        raise SystemExit(f"error: {e.strerror if isinstance(e, CheckpointWriteError) else e}") from None
 
 
 def add_job_flags(parser: argparse.ArgumentParser, tool: str, writes: str) -> None:

@@ -6,8 +6,10 @@ target, so a run killed at any moment leaves either the previous checkpoint or t
 """
 from __future__ import annotations
 
+import errno
 import os
 import random
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
@@ -19,27 +21,53 @@ from .legacy import upgrade_checkpoint
 from .weight_files import CHECKPOINT_FORMATS, CheckpointError, describe_content, read_weights_file, weights_file_error
 
 __all__ = ["save_atomic", "load_checkpoint", "capture_rng_state", "restore_rng_state", "CheckpointError",
-           "plain_data"]
+           "CheckpointWriteError", "plain_data"]
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (full disk, read-only folder); the previous file at that path is kept."""
 
 
 def save_atomic(obj: Any, path: Union[str, Path]) -> Path:
-    """``torch.save`` to ``path`` via a temp file + fsync + ``os.replace`` (atomic on POSIX and Windows)."""
+    """``torch.save`` to ``path`` via a temp file + fsync + ``os.replace`` (atomic on POSIX and Windows).
+
+    If the write fails (a full disk, a read-only folder) the temp file is removed, the previous file at ``path``
+    stays as it was, and ``CheckpointWriteError`` names the file, the folder and its free space."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _write_error(path, e) from e
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, (OSError, RuntimeError)):  # torch.save reports a full disk as a RuntimeError of its
+            raise _write_error(path, e) from e      # zip writer ("unexpected pos 704 vs 598")
         raise
     return path
+
+
+def _write_error(path: Path, e: BaseException) -> CheckpointWriteError:
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2 ** 20:.1f} MB free there"
+    except OSError:
+        free = "its free space unknown"
+    kept = "the previous one is kept" if path.exists() else "there was none before"
+    err = getattr(e, "errno", None)
+    return CheckpointWriteError(
+        err or errno.EIO,
+        f"cannot write {path} ({type(e).__name__}: {e}; {free}); {kept} and nothing half-written was left. Free "
+        f"some space in {path.parent} (or make it writable) and resume from the last checkpoint, or set the run's "
+        "output folder elsewhere")
 
 
 def load_checkpoint(path: Union[str, Path], map_location: Any = "cpu") -> Dict[str, Any]:

@@ -261,3 +261,43 @@ def test_data_verify_checks_segmentation_images_and_masks(tmp_path):
     _break(Path(mask))
     with pytest.raises(UnreadableImageError, match=rf"1 of {2 * len(ds)} files cannot be read:\n  \[val\] {mask}"):
         verify_datasets({"val": ds})
+
+
+# ---------------------------------------------------------------------------------------------- full disk
+def _fill_disk(monkeypatch):
+    """torch.save as it fails on a full disk: some bytes written, then its zip writer's RuntimeError."""
+    from mdeq.engine import checkpoint
+
+    def full(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04" + bytes(600))
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+
+
+def test_full_disk_keeps_the_previous_checkpoint_and_names_the_folder(tmp_path, monkeypatch):
+    from mdeq.engine.checkpoint import CheckpointWriteError, load_checkpoint as load, save_atomic
+
+    path = tmp_path / "checkpoints" / "last.pth"
+    save_atomic({"model": {"w": torch.ones(2)}}, path)
+    _fill_disk(monkeypatch)
+    with pytest.raises(CheckpointWriteError, match=rf"cannot write {path} \(RuntimeError: .*unexpected pos.*; [0-9.]+ "
+                                                   rf"MB free there\); the previous one is kept .* {path.parent}"):
+        save_atomic({"model": {"w": torch.zeros(2)}}, path)
+    monkeypatch.undo()
+    assert [p.name for p in path.parent.iterdir()] == ["last.pth"]  # no temp file left
+    assert torch.equal(load(path)["model"]["w"], torch.ones(2))
+
+
+def test_full_disk_during_training_ends_with_a_message(digits_small, tmp_path, monkeypatch, capsys):
+    from mdeq.cli import train_cls
+
+    _fill_disk(monkeypatch)
+    monkeypatch.setattr(sys, "argv", ["train_cls.py", *fast_overrides(digits_small, "train.epochs=1"),
+                                      f"hydra.run.dir={tmp_path / 'run'}", "hydra/job_logging=none",
+                                      "hydra/hydra_logging=none"])
+    with pytest.raises(SystemExit) as exc:
+        train_cls.main()
+    msg = str(exc.value.code)
+    assert msg.startswith(f"error: cannot write {tmp_path / 'run' / 'checkpoints' / 'last.pth'} (RuntimeError")
+    assert "there was none before" in msg and "resume from the last checkpoint" in msg
