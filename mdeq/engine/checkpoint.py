@@ -50,10 +50,17 @@ def save_atomic(obj: Any, path: Union[str, Path]) -> Path:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
-        if isinstance(e, (OSError, RuntimeError)):  # torch.save reports a full disk as a RuntimeError of its
-            raise _write_error(path, e) from e      # zip writer ("unexpected pos 704 vs 598")
-        raise
+        if _is_write_failure(e):
+            raise _write_error(path, e) from e
+        raise  # not the disk's fault (e.g. an object that cannot be pickled): as it came
     return path
+
+
+def _is_write_failure(e: BaseException) -> bool:
+    """An OSError, or torch.save's zip writer failing to write (how a full disk shows: "[enforce fail at
+    inline_container.cc:672] . unexpected pos 704 vs 598", or "PytorchStreamWriter failed writing file")."""
+    return isinstance(e, OSError) or (isinstance(e, RuntimeError) and any(
+        marker in str(e) for marker in ("inline_container", "PytorchStreamWriter", "file write failed")))
 
 
 def _write_error(path: Path, e: BaseException) -> CheckpointWriteError:

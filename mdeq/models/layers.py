@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from mdeq.core import VariationalDropout, apply_weight_norm
+from mdeq.core.state import is_channels_last
 
 from .config import MDEQConfig
 
@@ -157,5 +158,11 @@ def propagate_nonfinite(states: List[torch.Tensor], injection: torch.Tensor) -> 
     branching), so traced and exported graphs keep it.
     """
     bad = ~torch.isfinite(injection).flatten(1).all(dim=1)
-    return [t.masked_fill(bad.view(-1, *([1] * (t.dim() - 1))), float("nan")) for t in states]
+    out = []
+    for t in states:
+        u = t.masked_fill(bad.view(-1, *([1] * (t.dim() - 1))), float("nan"))
+        if t.dim() == 4 and is_channels_last(t) and not is_channels_last(u):  # keep a channels-last state so
+            u = u.contiguous(memory_format=torch.channels_last)             # (masked_fill of a strided view: NCHW)
+        out.append(u)
+    return out
 
