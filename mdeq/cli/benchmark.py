@@ -1,4 +1,5 @@
-"""Benchmarks of mdeq-zoo. Usage: python -m mdeq.cli.benchmark (or tools/benchmark.py) {solvers,models,train,seg,budget}
+"""Benchmarks of mdeq-zoo. Usage: python -m mdeq.cli.benchmark (or tools/benchmark.py)
+{solvers,models,train,seg,budget,cell}
 [options] [--out DIR]
 
 cell      the time of one MDEQ cell evaluation, eager NCHW (the original's path) against channels-last, the
