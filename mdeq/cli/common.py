@@ -17,9 +17,9 @@ import hydra  # noqa: E402
 
 from mdeq.core import list_solvers  # noqa: E402
 from mdeq.engine.app import register_configs  # noqa: E402
+from mdeq.engine.checkpoint import CheckpointWriteError  # noqa: E402
 from mdeq.engine.distributed import DistEnv, broadcast_object, init_distributed, shutdown_distributed  # noqa: E402
 from mdeq.engine.legacy import check_overrides  # noqa: E402
-from mdeq.engine.checkpoint import CheckpointWriteError  # noqa: E402
 from mdeq.engine.weight_files import WeightsFileError  # noqa: E402
 
 __all__ = ["hydra_tool", "exit_code_main", "reported_errors", "add_job_flags", "run_distributed", "output_folder",
@@ -65,7 +65,7 @@ def reported_errors() -> Iterator[None]:
     try:
         yield
     except (WeightsFileError, CheckpointWriteError) as e:
-        raise SystemExit(f"error: {e.strerror if isinstance(e, CheckpointWriteError) else e}") from None
+        raise SystemExit(f"error: {e}") from None
 
 
 def add_job_flags(parser: argparse.ArgumentParser, tool: str, writes: str) -> None:

@@ -27,6 +27,9 @@ __all__ = ["save_atomic", "load_checkpoint", "capture_rng_state", "restore_rng_s
 class CheckpointWriteError(OSError):
     """A checkpoint could not be written (full disk, read-only folder); the previous file at that path is kept."""
 
+    def __str__(self) -> str:  # the message alone (OSError would prefix "[Errno N]")
+        return str(self.strerror)
+
 
 def save_atomic(obj: Any, path: Union[str, Path]) -> Path:
     """``torch.save`` to ``path`` via a temp file + fsync + ``os.replace`` (atomic on POSIX and Windows).

@@ -86,4 +86,3 @@ def evaluate_classification_source(source: str, env: DistEnv, output_dir: Path, 
         (output_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     say(f"results: {output_dir / 'eval.json'}" + (f", {output_dir / 'sweep.png'}" if sweep_iters else ""))
     return result
-

@@ -152,4 +152,3 @@ def report_input_size(data_cfg: Mapping[str, Any], dataset, model_name: str) -> 
         _log.warning("training at %dx%d, but the images' median shorter side is %d px (more than 2x away): set "
                      "data.overrides.input_size=%d to train near the data's own size, or choose a model tag made "
                      "for it", h, w, native, native)
-

@@ -96,21 +96,52 @@ def distill_classifier(checkpoint: str, output_dir: Path, env: DistEnv, data_roo
     last = output_dir / "last.pth"
     t0 = time.perf_counter() - pos["seconds"]
     stop = StopSignals()
+
+    def save_and_stop():
+        pos["seconds"] = time.perf_counter() - t0
+        _save_and_stop(stop, last, settings, parts, gen, history, pos, env, resume_hint)
+
     with stop:
         for epoch in range(pos["epoch"], epochs):
-            _distill_epoch(epoch, epochs, pos, loader, model, stage, student, ema, opt, sched, gen, times,
-                           teacher_solver, teacher_steps, global_weight, local_weight, env, progress, stop)
-            if pos["batch"] < len(loader):  # stopped inside the epoch
-                pos["seconds"] = time.perf_counter() - t0
-                _save_and_stop(stop, last, settings, parts, gen, history, pos, env, resume_hint)
+            loader.dataset.set_epoch(epoch)
+            loader.sampler.set_epoch(epoch, skip=pos["batch"] * loader.batch_size)  # a resumed epoch: the rest
             sums = pos["sums"]
+            bar = tqdm(loader, desc=f"distill {epoch + 1}/{epochs}", leave=False, initial=pos["batch"],
+                       total=len(loader), disable=not (progress and env.is_main))
+            for images, _ in bar:
+                images = images.to(env.device)
+                with torch.no_grad(), forward_scope(stage):
+                    _, inj = model.forward_stem(images)
+
+                    def teacher_step(z, inj=inj):
+                        return stage.cell(list(z), inj)
+
+                    traj, z_end = collect_trajectory(teacher_step, stage.initial_state(inj), solver=teacher_solver,
+                                                     num_steps=teacher_steps)
+                n = torch.randint(0, teacher_steps, (images.shape[0],), generator=gen).to(env.device)
+                with forward_scope(stage):
+                    g_loss, l_loss = consistency_losses(student, ema, traj, times, n, teacher_step, z_end)
+                loss = distillation_loss(g_loss, l_loss, global_weight, local_weight)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                ema.update_parameters(student)
+                sums[0] += g_loss.item()
+                sums[1] += l_loss.item()
+                sums[2] += 1
+                pos["batch"] += 1
+                bar.set_postfix(global_loss=f"{g_loss.item():.4f}", local_loss=f"{l_loss.item():.4f}")
+                if pos["batch"] < len(loader) and stop.agreed(env):  # the epoch's end is checked below
+                    bar.close()
+                    save_and_stop()
+            bar.close()
             row = dict(epoch=epoch, global_loss=sums[0] / max(sums[2], 1), local_loss=sums[1] / max(sums[2], 1))
             history.append(row)
             _log.info("distill epoch %d: global %.5f local %.5f", epoch, row["global_loss"], row["local_loss"])
             pos.update(epoch=epoch + 1, batch=0, sums=[0.0, 0.0, 0])
-            if stop.agreed(env) and epoch + 1 < epochs:
-                pos["seconds"] = time.perf_counter() - t0
-                _save_and_stop(stop, last, settings, parts, gen, history, pos, env, resume_hint)
+            if epoch + 1 < epochs and stop.agreed(env):
+                save_and_stop()
     seconds = time.perf_counter() - t0
     student.num_train_steps = teacher_steps
 
@@ -148,44 +179,6 @@ def distill_classifier(checkpoint: str, output_dir: Path, env: DistEnv, data_roo
     return metrics
 
 
-def _distill_epoch(epoch, epochs, pos, loader, model, stage, student, ema, opt, sched, gen, times, teacher_solver,
-                   teacher_steps, global_weight, local_weight, env, progress, stop) -> None:
-    """One epoch from batch ``pos["batch"]`` on (a resumed epoch skips what was done); returns early, after a
-    whole step, when every rank agrees to stop."""
-    loader.dataset.set_epoch(epoch)
-    loader.sampler.set_epoch(epoch, skip=pos["batch"] * loader.batch_size)
-    sums = pos["sums"]
-    bar = tqdm(loader, desc=f"distill {epoch + 1}/{epochs}", leave=False, initial=pos["batch"], total=len(loader),
-               disable=not (progress and env.is_main))
-    for images, _ in bar:
-        images = images.to(env.device)
-        with torch.no_grad(), forward_scope(stage):
-            _, inj = model.forward_stem(images)
-
-            def teacher_step(z, inj=inj):
-                return stage.cell(list(z), inj)
-
-            traj, z_end = collect_trajectory(teacher_step, stage.initial_state(inj), solver=teacher_solver,
-                                             num_steps=teacher_steps)
-        n = torch.randint(0, teacher_steps, (images.shape[0],), generator=gen).to(env.device)
-        with forward_scope(stage):
-            g_loss, l_loss = consistency_losses(student, ema, traj, times, n, teacher_step, z_end)
-        loss = distillation_loss(g_loss, l_loss, global_weight, local_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        ema.update_parameters(student)
-        sums[0] += g_loss.item()
-        sums[1] += l_loss.item()
-        sums[2] += 1
-        pos["batch"] += 1
-        bar.set_postfix(global_loss=f"{g_loss.item():.4f}", local_loss=f"{l_loss.item():.4f}")
-        if stop.agreed(env) and pos["batch"] < len(loader):
-            break
-    bar.close()
-
-
 def _save_and_stop(stop: StopSignals, path: Path, settings, parts, gen, history, pos, env, resume_hint: str):
     """Write the distillation's state to ``path`` (rank 0, atomically) and end the tool with ``TrainingStopped``."""
     if env.is_main:
@@ -218,4 +211,3 @@ def _restore_distill_state(path: str, settings, parts, gen):
     _log.info("resumed the distillation at epoch %d, batch %d", state["position"]["epoch"],
               state["position"]["batch"])
     return list(state["history"]), dict(state["position"])
-

@@ -3,7 +3,6 @@
 checkpoint) or a timm name with a tag."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -13,7 +12,7 @@ import torch
 from ..models import create_segmentation_model, infer_preset, list_segmentation_models, load_converted
 from .legacy import upgrade_checkpoint
 from .rebuild import LoadedModel, is_training_checkpoint, model_from_checkpoint
-from .weight_files import WEIGHT_SUFFIXES, WEIGHTS_FORMATS, read_weights_file
+from .weight_files import WEIGHTS_FORMATS, names_a_file, read_weights_file
 from .weights import state_dict_from
 
 __all__ = ["LoadedModel", "load_model_for_eval", "load_segmentation_model_for_eval"]
@@ -22,7 +21,7 @@ __all__ = ["LoadedModel", "load_model_for_eval", "load_segmentation_model_for_ev
 def load_model_for_eval(source: str, model_name: Optional[str] = None, num_classes: Optional[int] = None,
                         use_ema: bool = False) -> LoadedModel:
     path = Path(source)
-    if _is_local(source):
+    if names_a_file(source):
         accepted = f"{WEIGHTS_FORMATS}; or a timm model name with a pretrained tag, e.g. mdeq_small.<tag>"
         raw = _read_file(path, accepted)
         if is_training_checkpoint(raw):
@@ -60,7 +59,7 @@ def load_segmentation_model_for_eval(source: str, model_name: Optional[str] = No
     official Cityscapes checkpoint; the preset is inferred unless ``model_name`` is given) or a published
     tag ``arch.tag`` (e.g. ``mdeq_small.cityscapes_official``)."""
     path = Path(source)
-    if _is_local(source):
+    if names_a_file(source):
         accepted = f"{WEIGHTS_FORMATS}; or a published tag such as mdeq_small.cityscapes_official"
         raw = _read_file(path, accepted)
         if is_training_checkpoint(raw):
@@ -88,11 +87,6 @@ def load_segmentation_model_for_eval(source: str, model_name: Optional[str] = No
         raise ValueError(f"{source!r}: {arch!r} is not a segmentation preset ({list_segmentation_models()})")
     model = create_segmentation_model(arch, num_classes=num_classes or 19, pretrained=tag or True)
     return LoadedModel(model=model, arch=arch, description=f"published weights {source}")
-
-
-def _is_local(source: str) -> bool:
-    """Whether ``source`` names a file (an existing one, or by its suffix or a folder in it), not a timm name."""
-    return Path(source).is_file() or Path(source).suffix in WEIGHT_SUFFIXES or "/" in source or os.sep in source
 
 
 def _read_file(path: Path, accepted: str) -> Any:

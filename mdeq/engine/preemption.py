@@ -1,12 +1,13 @@
 """Stopping a training run cleanly when the cluster asks: SIGTERM, SIGUSR1 (SLURM's warning before the kill),
-SIGHUP (the terminal or ssh session went away) and a first Ctrl-C (SIGINT) let the current step finish; the tool then saves ``last.pth`` atomically and exits
-with a message that says how to resume. A second Ctrl-C interrupts at once, as usual.
+SIGHUP (the terminal or ssh session went away) and a first Ctrl-C (SIGINT) let the current step finish; the
+tool then saves ``last.pth`` atomically and exits with a message that says how to resume. A second Ctrl-C
+interrupts at once, as usual.
 
     with StopSignals() as stop:
         for batch in loader:
             step(batch)
             if stop.agreed(env):   # every rank of a torchrun job stops after the same step
-                save(); raise stop.exit(resume_hint)
+                save(); raise stop.exit(what_was_saved, resume_command)
 """
 from __future__ import annotations
 
@@ -63,10 +64,9 @@ class StopSignals:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
         if self.received is None:
             self.received = signum
+            again = " (press Ctrl-C again to stop at once)" if signum == signal.SIGINT else ""
             print(f"\n{signal.Signals(signum).name} received: finishing the current step, then saving the run "
-                  f"state (press Ctrl-C again to stop at once)" if signum == signal.SIGINT else
-                  f"\n{signal.Signals(signum).name} received: finishing the current step, then saving the run state",
-                  file=sys.stderr, flush=True)
+                  f"state{again}", file=sys.stderr, flush=True)
 
     def agreed(self, env: Any = None) -> bool:
         """Whether to stop now: this process got a stop signal or, under torchrun, any rank did (a collective:

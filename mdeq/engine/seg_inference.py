@@ -25,9 +25,9 @@ from torch import nn
 from tqdm import tqdm
 
 from .distributed import DistEnv, all_reduce_sum
-from .solver_health import warn_diverged
 from .evaluate import autocast_context
 from .seg_metrics import ConfusionMatrix, SegMetrics
+from .solver_health import warn_diverged
 
 __all__ = ["pad_to_multiple", "slide_windows", "SegInference", "build_inference", "SegEvalResult",
            "evaluate_segmentation"]
@@ -169,9 +169,9 @@ class SegInference:
         model exposes no ``deq_stats``."""
         if not self._stats:
             return None
-        nstep, rel, absr = (torch.stack(v).mean(0) for v in list(zip(*self._stats))[:3])
-        diverged = torch.stack([s[3] for s in self._stats]).amax(0)
-        return dict(nstep=nstep, rel_residual=rel, abs_residual=absr, diverged=diverged)
+        nstep, rel, absr, diverged = (torch.stack(v) for v in zip(*self._stats))
+        return dict(nstep=nstep.mean(0), rel_residual=rel.mean(0), abs_residual=absr.mean(0),
+                    diverged=diverged.amax(0))
 
     # ------------------------------------------------------------------ pieces
     def _resize(self, x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
@@ -279,8 +279,8 @@ def evaluate_segmentation(model: nn.Module, loader: Iterable, env: DistEnv, num_
         b = images.shape[0]
         stats = inference.last_stats()
         if stats is not None:
-            stat_sums += torch.stack([stats[k].sum() for k in ("nstep", "rel_residual", "abs_residual", "diverged")]).to(
-                stat_sums)
+            stat_sums += torch.stack([stats[k].sum() for k in ("nstep", "rel_residual", "abs_residual",
+                                                               "diverged")]).to(stat_sums)
             stat_count += b
         if on_batch is not None:
             indices = list(islice(index_iter, b)) if index_iter is not None else list(range(count, count + b))

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..models.convert import StateDictMismatch
 from ..models.segmentation import create_segmentation_model, list_segmentation_models
-from .weight_files import WEIGHT_SUFFIXES, WEIGHTS_FORMATS
+from .weight_files import WEIGHTS_FORMATS, names_a_file
 from .weights import freeze_groups, load_backbone_weights, read_state_dict
 
 __all__ = ["build_segmentation_model", "load_classification_backbone", "SEG_HEAD"]
@@ -49,10 +49,10 @@ def load_classification_backbone(model: nn.Module, state_dict: Mapping[str, torc
 def _classification_state_dict(source: str) -> Tuple[Dict[str, torch.Tensor], str]:
     """Weights from a local file (checkpoint, safetensors, official .pkl) or a timm name with a tag."""
     path = Path(source)
-    if path.exists() or path.suffix in WEIGHT_SUFFIXES or "/" in source:
+    if names_a_file(source):
         accepted = f"classification weights: {WEIGHTS_FORMATS}; or a timm tag such as mdeq_small.in1k_official"
         return read_state_dict(path, accepted=accepted), str(path)
-    if "." not in source or "/" in source:
+    if "." not in source:
         raise FileNotFoundError(f"model.backbone={source!r} is neither a file nor a pretrained timm tag such as "
                                 f"mdeq_small.in1k_official")
     import timm

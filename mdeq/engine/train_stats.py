@@ -22,22 +22,25 @@ class StatsWindow:
         self.diverged = 0
         self.last_loss = 0.0
 
-    def add(self, loss: float, samples: int, stats: Optional[SolverStats]) -> None:
-        """One optimizer step: its loss, the samples it saw and the forward's solver statistics."""
+    def add(self, loss: float, samples: int, stats: Optional[SolverStats]) -> int:
+        """One optimizer step: its loss, the samples it saw and the forward's solver statistics; returns the
+        number of samples whose solve diverged in this step."""
         self.loss += loss
         self.n += 1
         self.samples += samples
         if stats is None:
-            return
+            return 0
         self.nstep += stats.nstep.float().mean().item()
         self.rel += stats.rel_residual.float().mean().item()
-        self.diverged += int(stats.diverged.sum())
+        diverged = int(stats.diverged.sum())
+        self.diverged += diverged
         if stats.backward is not None:
             self.bnstep += stats.backward.nstep.float().mean().item()
             self.bn += 1
         if stats.jac_loss is not None:
             self.jac += float(stats.jac_loss.detach())
             self.jn += 1
+        return diverged
 
     def deq_scalars(self) -> Dict[str, float]:
         """``deq/fwd/nstep``, ``deq/fwd/rel_residual``, ``deq/fwd/diverged`` (samples of the window whose solve

@@ -282,7 +282,8 @@ class Trainer(ABC):
                         val = self._validate()
                         final_eval, final_eval_step = val, p.step
                     self._end_epoch(val)
-                    self._stop_if_asked()
+                    if self._stop.agreed(self.env):
+                        self._save_and_stop()
             if final_eval is None or final_eval_step != p.step:  # evaluate the final weights if not just done
                 final_eval = self._validate()
             metrics = self._final_metrics(final_eval)
@@ -326,9 +327,9 @@ class Trainer(ABC):
             p.samples_seen += n
             p.epoch_loss_sum += loss_value
             p.epoch_steps += 1
-            window.add(loss_value, n, stats)
-            if stats is not None and env.is_main:
-                warn_diverged(int(stats.diverged.sum()), int(stats.diverged.numel()), "training")
+            diverged = window.add(loss_value, n, stats)
+            if diverged and env.is_main:
+                warn_diverged(diverged, int(stats.diverged.numel()), "training")
             self.scheduler.step_update(num_updates=p.step)
             bar.update(1)
             if p.step % log_every == 0 or p.step == total_steps:
@@ -344,15 +345,13 @@ class Trainer(ABC):
             if self._stop.agreed(env):
                 p.train_seconds += time.perf_counter() - t_epoch
                 bar.close()
-                self._stop_if_asked()
+                self._save_and_stop()
         p.train_seconds += time.perf_counter() - t_epoch
         bar.close()
 
-    def _stop_if_asked(self) -> None:
-        """After a step or an epoch: when a stop signal came (to any rank), save ``last.pth`` and end the tool with
+    def _save_and_stop(self) -> None:
+        """A stop signal came (to any rank, after a step or an epoch): save ``last.pth`` and end the tool with
         ``TrainingStopped`` (exit status 128 + signal), printing how to resume."""
-        if not self._stop.agreed(self.env):
-            return
         p = self.progress
         path = self.ckpt_dir / "last.pth"
         self.save("last.pth")

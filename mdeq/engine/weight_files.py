@@ -23,7 +23,7 @@ from typing import Any, Mapping, Optional, Union
 import torch
 
 __all__ = ["CheckpointError", "WeightsFileError", "WEIGHTS_FORMATS", "CHECKPOINT_FORMATS", "WEIGHT_SUFFIXES",
-           "read_weights_file", "looks_like", "describe_content", "weights_file_error"]
+           "read_weights_file", "names_a_file", "looks_like", "describe_content", "weights_file_error"]
 
 WEIGHTS_FORMATS = ("safetensors (.safetensors); a state dict or a training checkpoint of mdeq-zoo saved with "
                    "torch.save (.pth, .pt, .bin); a released official MDEQ checkpoint (.pkl)")
@@ -50,6 +50,12 @@ def weights_file_error(path: Union[str, Path], problem: str, what: str = "weight
                        accepted: str = WEIGHTS_FORMATS) -> WeightsFileError:
     """The error for ``path``: ``problem`` (a clause such as "it is a text file") and the formats accepted."""
     return WeightsFileError(f"cannot read {what} {path}: {problem}\naccepted: {accepted}")
+
+
+def names_a_file(source: str) -> bool:
+    """Whether a tool's weights argument names a file (one that exists, or by a weights suffix or a folder in
+    it) rather than a timm name with a tag, so that a missing or wrong file gets ``read_weights_file``'s message."""
+    return Path(source).exists() or Path(source).suffix in WEIGHT_SUFFIXES or "/" in source or os.sep in source
 
 
 def read_weights_file(path: Union[str, Path], what: str = "weights file", accepted: str = WEIGHTS_FORMATS,

@@ -161,8 +161,7 @@ def propagate_nonfinite(states: List[torch.Tensor], injection: torch.Tensor) -> 
     out = []
     for t in states:
         u = t.masked_fill(bad.view(-1, *([1] * (t.dim() - 1))), float("nan"))
-        if t.dim() == 4 and is_channels_last(t) and not is_channels_last(u):  # keep a channels-last state so
+        if is_channels_last(t) and not is_channels_last(u):  # keep a channels-last state so
             u = u.contiguous(memory_format=torch.channels_last)             # (masked_fill of a strided view: NCHW)
         out.append(u)
     return out
-

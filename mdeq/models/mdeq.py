@@ -478,8 +478,7 @@ def _refuse_missing_default(variant: str) -> None:
     if get_pretrained_cfg(variant).has_weights:
         return
     native = _NATIVE_CFGS[variant]["input_size"]
-    tags = [f"{name} ({'x'.join(map(str, cfg['input_size'][1:]))})" for name, cfg in catalog_cfgs().items()
-            if name.split(".", 1)[0] == variant]
+    tags = [f"{name} ({'x'.join(map(str, cfg['input_size'][1:]))})" for name, cfg in _published(variant).items()]
     raise RuntimeError(
         f"{variant} has no default pretrained weights: none published at its native input size "
         f"{native[1]}x{native[2]} for general use. "
@@ -516,13 +515,18 @@ _NATIVE_CFGS = {  # each architecture's own data config: what an untrained model
 }
 
 
+def _published(arch: str) -> Dict[str, Dict[str, Any]]:
+    """The catalog's weights of ``arch`` as timm cfgs (the native cfg with each entry's data config)."""
+    return {name: dict(_NATIVE_CFGS[arch], **cfg) for name, cfg in catalog_cfgs().items()
+            if name.split(".", 1)[0] == arch}
+
+
 def _arch_cfgs(arch: str) -> Dict[str, Any]:
     """``arch``'s tags; the default (timm's first tag) is a published weight of general use at the native size
     (``pretrained.general_use``) if there is one, else ``untrained`` with the native cfg. Every other weight (the
     16x16 digits) is reached by its tag."""
     native = _NATIVE_CFGS[arch]
-    base = _cifar_cfg if native["input_size"][-1] == 32 else _cfg
-    published = {name: base(**cfg) for name, cfg in catalog_cfgs().items() if name.split(".", 1)[0] == arch}
+    published = _published(arch)
     general = {name: cfg for name, cfg in published.items() if general_use(cfg, native)}
     others = {name: cfg for name, cfg in published.items() if name not in general}
     if general:
