@@ -11,18 +11,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # experiment: (model, model kwargs, solver, f/b thres, stop mode, pretrain steps, opt, lr, wd, batch, epochs, jac)
 OFFICIAL = {
-    "imagenet_small": ("mdeq_small", {}, "broyden", (26, 27), "abs", 510000, "sgd", 0.05, 5e-5, 32, 100, None),
+    "imagenet_small": ("mdeq_small", {"dropout": 0.0}, "broyden", (26, 27), "abs", 510000, "sgd", 0.05, 5e-5, 32, 100,
+                       None),
     "imagenet_small_jr": ("mdeq_small", {"head_channels": [28, 56, 112, 224], "dropout": 0.02,
                                          "post_gn_affine": False}, "broyden", (14, 14), "abs", 510000, "sgd", 0.04,
                           2e-5, 32, 100, (2.5, 0.08, 50000, 0.03)),
-    "imagenet_large": ("mdeq_large", {}, "broyden", (26, 27), "abs", 510000, "sgd", 0.05, 1e-4, 32, 100, None),
-    "imagenet_large_jr": ("mdeq_large", {"post_gn_affine": False}, "broyden", (14, 14), "abs", 510000, "sgd", 0.05,
-                          1e-4, 32, 100, (3.0, 0.08, 50000, 0.03)),
-    "imagenet_xl": ("mdeq_xl", {}, "broyden", (26, 27), "abs", 400000, "sgd", 0.05, 1e-4, 32, 100, None),
-    "imagenet_xl_jr": ("mdeq_xl", {"post_gn_affine": False}, "broyden", (14, 14), "abs", 400000, "sgd", 0.05, 1e-4,
-                       32, 100, (3.0, 0.08, 50000, 0.03)),
-    "cifar10_tiny": ("mdeq_tiny", {}, "broyden", (18, 20), "rel", 3000, "adam", 1e-3, 2.5e-6, 128, 50, None),
-    "cifar10_large": ("mdeq_cifar_large", {}, "broyden", (18, 20), "rel", 20000, "adam", 1e-3, 0.0, 128, 220, None),
+    "imagenet_large": ("mdeq_large", {"dropout": 0.0}, "broyden", (26, 27), "abs", 510000, "sgd", 0.05, 1e-4, 32, 100,
+                       None),
+    "imagenet_large_jr": ("mdeq_large", {"post_gn_affine": False, "dropout": 0.0}, "broyden", (14, 14), "abs", 510000,
+                          "sgd", 0.05, 1e-4, 32, 100, (3.0, 0.08, 50000, 0.03)),
+    "imagenet_xl": ("mdeq_xl", {"dropout": 0.0}, "broyden", (26, 27), "abs", 400000, "sgd", 0.05, 1e-4, 32, 100, None),
+    "imagenet_xl_jr": ("mdeq_xl", {"post_gn_affine": False, "dropout": 0.0}, "broyden", (14, 14), "abs", 400000, "sgd",
+                       0.05, 1e-4, 32, 100, (3.0, 0.08, 50000, 0.03)),
+    "cifar10_tiny": ("mdeq_tiny", {"dropout": 0.25}, "broyden", (18, 20), "rel", 3000, "adam", 1e-3, 2.5e-6, 128, 50,
+                     None),
+    "cifar10_large": ("mdeq_cifar_large", {"dropout": 0.3}, "broyden", (18, 20), "rel", 20000, "adam", 1e-3, 0.0, 128,
+                      220, None),
     "cifar10_large_jr": ("mdeq_cifar_large", {"num_layers": 8, "dropout": 0.22}, "broyden", (8, 7), "rel", 16000,
                          "adam", 1e-3, 0.0, 96, 220, (0.4, 0.02, 0, 0.0)),
 }
@@ -55,13 +59,14 @@ def test_experiment_reproduces_the_official_recipe(name):
     model, kwargs, solver, (f, b), stop, pre, opt, lr, wd, batch, epochs, jac = OFFICIAL[name]
     c = _compose(name)
     assert c.recipe == name
-    assert c.model.name == model and dict(c.model.kwargs) == kwargs
+    assert c.model.name == model and {k: v for k, v in c.model.kwargs.items() if v is not None} == kwargs
     assert (c.deq.solver, c.deq.b_solver, c.deq.max_iter, c.deq.b_max_iter, c.deq.stop_mode) == (
         solver, solver, f + 1, b + 1, stop)
     assert c.deq.solver_options.memory == f and c.deq.b_solver_options.memory == b  # full-memory Broyden
     assert c.schedule.pretrain_steps == pre and c.deq.backward == "ift"
     assert (c.optim.opt, c.optim.lr, c.optim.weight_decay) == (opt, lr, wd)
     assert c.data.batch_size == batch and c.train.epochs == epochs
+    assert c.train.precise_bn_batches == 0  # validated with BatchNorm's running averages, as the original
     assert (c.sched.sched, c.sched.min_lr, c.sched.warmup_epochs, c.sched.step_on_epochs) == ("cosine", 1e-6, 0, False)
     jacobian = c.schedule.jac
     if jac is None:
@@ -77,7 +82,8 @@ def test_cityscapes_experiment_reproduces_the_official_recipe(name):
     preset, pre, wd, batch, crop, backbone = SEG_OFFICIAL[name]
     c = _compose(name, "train_seg")
     assert c.recipe == name and c.task == "segmentation" and c.model.task == c.data.task == "segmentation"
-    assert c.model.name == preset and c.model.backbone == backbone and dict(c.model.kwargs) == {}
+    assert c.model.name == preset and c.model.backbone == backbone
+    assert all(v is None for v in c.model.kwargs.values())  # the preset's architecture
     assert (c.deq.solver, c.deq.b_solver, c.deq.max_iter, c.deq.b_max_iter, c.deq.stop_mode) == (
         "broyden", "broyden", 27 + 1, 30 + 1, "abs")
     assert c.deq.solver_options.memory == 27 and c.deq.b_solver_options.memory == 30

@@ -5,10 +5,11 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
-__all__ = ["package_env", "run_in_subprocess", "rss_mb", "peak_rss_mb"]
+__all__ = ["package_env", "run_in_subprocess", "launch", "rss_mb", "peak_rss_mb"]
 
 
 def package_env(threads: Optional[int] = None) -> Dict[str, str]:
@@ -30,6 +31,25 @@ def run_in_subprocess(module: str, args: Dict) -> Dict:
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"benchmark configuration {args} failed:\n{proc.stderr[-3000:]}")
     return json.loads(lines[-1][len("RESULT "):])
+
+
+def launch(cmd: List[str], log: Path, threads: Optional[int] = None) -> Dict:
+    """Run ``cmd`` to the end, its output in ``log``; its exit code, wall time and the peak RSS of that child
+    (``os.wait4``), in MB.
+
+    Linux carries the forked copy's high-water mark over the exec into ``ru_maxrss``, so the peak is at least
+    this process's RSS at the launch (``parent_rss_mb``, recorded too); a training's own peak is far above it.
+    """
+    env = package_env(threads)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    parent_rss = rss_mb()
+    t0 = time.perf_counter()
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: tell Popen
+    return dict(returncode=proc.returncode, wall_s=round(time.perf_counter() - t0, 1),
+                peak_mb=round(usage.ru_maxrss / 1024, 1), parent_rss_mb=round(parent_rss, 1))  # ru_maxrss: KiB
 
 
 def rss_mb() -> float:

@@ -13,13 +13,16 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
+from timm.data.transforms import str_to_interp_mode
 from timm.data.readers.img_extensions import get_img_extensions
 from timm.data.readers.reader_image_folder import find_images_and_targets
 from torch.utils.data import Dataset
+from torchvision import transforms
 
 from .errors import DatasetLayoutError, UnreadableImageError
 
-__all__ = ["ImageFolderDataset", "find_split", "layout_help", "resolve_data_cfg", "build_transform",
+__all__ = ["ImageFolderDataset", "find_split", "layout_help", "resolve_data_cfg", "build_transform", "training_aug",
+           "pad_crop_transform", "CROP_POLICIES",
            "build_imagefolder_datasets", "SPLIT_ALIASES"]
 
 SPLIT_ALIASES: Dict[str, Tuple[str, ...]] = {
@@ -111,8 +114,12 @@ class ImageFolderDataset(Dataset):
 
 
 # ------------------------------------------------------------------------------------------------ transforms
-_AUG_KEYS = ("scale", "ratio", "hflip", "vflip", "color_jitter", "auto_augment", "re_prob", "re_mode", "re_count",
-             "train_interpolation")
+# training crop policies: "rrc" (timm's random-resized crop, the ImageNet recipe) and "pad_crop" (resize to the input
+# size, pad, random crop back: the CIFAR recipe, for small images that a random-resized crop would destroy)
+CROP_POLICIES = ("rrc", "pad_crop")
+_POLICY_KEYS = {"rrc": ("scale", "ratio"), "pad_crop": ("padding",)}
+_AUG_KEYS = ("policy", "scale", "ratio", "padding", "hflip", "vflip", "color_jitter", "auto_augment", "re_prob",
+             "re_mode", "re_count", "train_interpolation")
 
 
 def resolve_data_cfg(model: torch.nn.Module, overrides: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
@@ -130,25 +137,74 @@ def resolve_data_cfg(model: torch.nn.Module, overrides: Optional[Mapping[str, An
     return resolve_data_config(args=args, model=model)
 
 
+def training_aug(aug: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    """The set (non-null) training augmentation options, checked: known keys, a known crop ``policy``, and only
+    the crop options of that policy (``scale``/``ratio`` for rrc, ``padding`` for pad_crop)."""
+    aug = {k: v for k, v in dict(aug or {}).items() if v is not None}
+    unknown = sorted(set(aug) - set(_AUG_KEYS))
+    if unknown:
+        raise ValueError(f"unknown augmentation options {unknown}; known: {list(_AUG_KEYS)}")
+    policy = aug.setdefault("policy", "rrc")
+    if policy not in CROP_POLICIES:
+        raise ValueError(f"data.aug.policy must be one of {list(CROP_POLICIES)} (or auto in a training config), got "
+                         f"{policy!r}")
+    foreign = sorted(k for other, keys in _POLICY_KEYS.items() if other != policy for k in keys if k in aug)
+    if foreign:
+        raise ValueError(f"data.aug.{foreign[0]} is an option of another crop policy than data.aug.policy={policy} "
+                         f"({', '.join(f'{p}: {list(k)}' for p, k in _POLICY_KEYS.items())}); set it to null or "
+                         "change the policy")
+    return aug
+
+
 def build_transform(data_cfg: Mapping[str, Any], is_training: bool, aug: Optional[Mapping[str, Any]] = None):
-    """timm's ``create_transform`` for train (random crop/flip/... from ``aug``) or eval (resize + center crop)."""
+    """timm's ``create_transform`` for train (random crop/flip/... from ``aug``) or eval (resize + center crop).
+
+    Training crops follow ``aug["policy"]``: ``rrc`` is timm's random-resized crop (``scale``, ``ratio``);
+    ``pad_crop`` resizes the image to the input size, pads it by ``padding`` pixels (zeros, default 1/8 of the
+    input size) and takes a random crop of the input size, as CIFAR training does. The rest (flips, color jitter,
+    auto-augment, normalisation, random erasing) is timm's either way.
+    """
     kwargs: Dict[str, Any] = dict(
         input_size=data_cfg["input_size"], interpolation=data_cfg["interpolation"], mean=data_cfg["mean"],
         std=data_cfg["std"], crop_pct=data_cfg.get("crop_pct"), crop_mode=data_cfg.get("crop_mode"),
         is_training=is_training,
     )
-    if is_training:
-        aug = {k: v for k, v in dict(aug or {}).items() if v is not None}
-        unknown = sorted(set(aug) - set(_AUG_KEYS))
-        if unknown:
-            raise ValueError(f"unknown augmentation options {unknown}; known: {list(_AUG_KEYS)}")
-        if "train_interpolation" in aug:
-            kwargs["interpolation"] = aug.pop("train_interpolation")
-        for key in ("scale", "ratio"):
-            if key in aug:
-                aug[key] = tuple(aug[key])
-        kwargs.update(aug)
-    return create_transform(**kwargs)
+    if not is_training:
+        return create_transform(**kwargs)
+    aug = training_aug(aug)
+    policy = aug.pop("policy")
+    padding = aug.pop("padding", None)
+    if "train_interpolation" in aug:
+        kwargs["interpolation"] = aug.pop("train_interpolation")
+    for key in ("scale", "ratio"):
+        if key in aug:
+            aug[key] = tuple(aug[key])
+    kwargs.update(aug)
+    if policy == "rrc":
+        return create_transform(**kwargs)
+    _, secondary, final = create_transform(**kwargs, separate=True)
+    crop = pad_crop_transform(data_cfg["input_size"][-2:], padding, kwargs["interpolation"],
+                              float(aug.get("hflip", 0.5)), float(aug.get("vflip", 0.0)))
+    return transforms.Compose([*crop.transforms, *secondary.transforms, *final.transforms])
+
+
+def pad_crop_transform(size: Tuple[int, int], padding: Optional[int], interpolation: str, hflip: float = 0.5,
+                       vflip: float = 0.0) -> transforms.Compose:
+    """The CIFAR training crop at any size: resize to ``size`` (the shorter side; a longer side is then cropped at
+    random), pad ``padding`` zero pixels on every side (None: 1/8 of the shorter side of ``size``), random crop of
+    ``size``, then the flips."""
+    h, w = int(size[0]), int(size[1])
+    pad = max(min(h, w) // 8, 1) if padding is None else int(padding)
+    if pad < 0 or pad >= min(h, w):
+        raise ValueError(f"data.aug.padding must be in [0, {min(h, w)}) for a {h}x{w} input, got {pad}")
+    interp = str_to_interp_mode(interpolation if interpolation not in (None, "random") else "bilinear")
+    steps = [transforms.Resize(min(h, w) if h == w else (h, w), interpolation=interp),
+             transforms.RandomCrop((h, w), padding=pad or None, pad_if_needed=True)]
+    if hflip > 0:
+        steps.append(transforms.RandomHorizontalFlip(p=hflip))
+    if vflip > 0:
+        steps.append(transforms.RandomVerticalFlip(p=vflip))
+    return transforms.Compose(steps)
 
 
 def build_imagefolder_datasets(root: Union[str, Path], train_transform=None, eval_transform=None,

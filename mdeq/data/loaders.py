@@ -4,20 +4,22 @@
   count, prefetching or where a run resumed;
 * ``ResumableSampler``: the (seed, epoch)-shuffled ``DistributedSampler`` that skips the samples a run killed
   mid-epoch had already trained on;
-* ``ShardSampler``: an exact split of an eval set over the ranks (no padding duplicates).
+* ``ShardSampler``: an exact split of an eval set over the ranks (no padding duplicates);
+* ``resolve_workers``: the loader workers of ``data.workers`` (null: what the machine has).
 """
 from __future__ import annotations
 
 import math
+import os
 import random
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 __all__ = ["SeededDataset", "ResumableSampler", "ShardSampler", "build_train_loader", "build_eval_loader",
-           "steps_per_epoch"]
+           "steps_per_epoch", "resolve_workers", "available_cores", "MAX_AUTO_WORKERS"]
 
 
 class SeededDataset(Dataset):
@@ -91,6 +93,30 @@ class ShardSampler(Sampler):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+MAX_AUTO_WORKERS = 8  # the most loader workers a process gets when data.workers is left to the machine
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def resolve_workers(workers: Any = None) -> int:
+    """Loader workers per process: ``workers`` when given (an integer >= 0), else (null) what the machine has: the
+    cores this process may use, shared by the processes torchrun started on this machine (``LOCAL_WORLD_SIZE``), at
+    most ``MAX_AUTO_WORKERS`` (torch warns when a loader has more workers than cores)."""
+    if workers is None:
+        local = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1), 1)
+        return max(1, min(MAX_AUTO_WORKERS, available_cores() // local))
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ValueError(f"data.workers must be an integer >= 0 (0: load in the training process) or null (the "
+                         f"cores this process may use), got {workers!r}")
+    return workers
 
 
 def _worker_init(_: int) -> None:

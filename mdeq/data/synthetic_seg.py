@@ -10,9 +10,6 @@ Everything is seeded, so the same arguments write byte-identical files.
 """
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import zlib
 from pathlib import Path
 from types import MappingProxyType
@@ -21,6 +18,7 @@ from typing import Mapping, Sequence, Tuple, Union
 import numpy as np
 from PIL import Image
 
+from .cache import build_once, data_cache_dir
 from .cityscapes_labels import LABELS, label_id_to_train_id
 
 __all__ = ["make_synthetic_cityscapes", "prepare_synthetic_cityscapes", "default_synthetic_root",
@@ -165,38 +163,16 @@ def make_synthetic_cityscapes(root: Union[str, Path], splits: Mapping[str, int] 
 
 def default_synthetic_root() -> Path:
     """``$MDEQ_DATA`` or ``~/.cache/mdeq-zoo/data``, plus ``synthetic-cityscapes-v<version>``."""
-    base = os.environ.get("MDEQ_DATA") or os.path.join(os.path.expanduser("~"), ".cache", "mdeq-zoo", "data")
-    return Path(base) / f"synthetic-cityscapes-v{SYNTHETIC_VERSION}"
+    return data_cache_dir() / f"synthetic-cityscapes-v{SYNTHETIC_VERSION}"
 
 
 def prepare_synthetic_cityscapes(root: Union[str, Path, None] = None) -> Path:
     """The default synthetic set (train 96 / val 24 at 128x256, seed 0, labelIds only) under ``root``, written
-    once; returns ``root``.
+    once (``cache.build_once``: never half-written, one copy for concurrent DDP ranks); returns ``root``."""
 
-    Built in a temporary sibling folder and renamed into place, so an interrupted run never leaves a
-    half-written dataset behind (a complete tree has a ``.complete`` marker) and concurrent callers (DDP
-    ranks) agree on one copy.
-    """
-    root = Path(root) if root is not None else default_synthetic_root()
-    if (root / ".complete").is_file():
-        return root
-    if root.exists() and any(root.iterdir()):
-        raise FileExistsError(f"{root} exists but is not a complete synthetic Cityscapes cache (no .complete "
-                              f"marker); delete it or pass another data.root")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
-    try:
-        make_synthetic_cityscapes(tmp, splits=SYNTHETIC_SPLITS, size=SYNTHETIC_SIZE, seed=0)
-        (tmp / ".complete").write_text(
-            f"synthetic Cityscapes v{SYNTHETIC_VERSION}: {dict(SYNTHETIC_SPLITS)} images of "
-            f"{SYNTHETIC_SIZE[0]}x{SYNTHETIC_SIZE[1]}, seed 0, labelIds\n")
-        try:
-            if root.exists():
-                root.rmdir()  # empty (checked above), unless another process just put its copy here
-            os.replace(tmp, root)
-        except OSError:
-            if not (root / ".complete").is_file():  # not simply another process finishing first
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
+    def write(folder: Path) -> str:
+        make_synthetic_cityscapes(folder, splits=SYNTHETIC_SPLITS, size=SYNTHETIC_SIZE, seed=0)
+        return (f"synthetic Cityscapes v{SYNTHETIC_VERSION}: {dict(SYNTHETIC_SPLITS)} images of "
+                f"{SYNTHETIC_SIZE[0]}x{SYNTHETIC_SIZE[1]}, seed 0, labelIds")
+
+    return build_once(Path(root) if root is not None else default_synthetic_root(), write, "synthetic Cityscapes")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -16,10 +16,12 @@ from .classification_trainer import ClassificationTrainer
 from .deq_schedule import schedule_defaults
 from .distributed import DistEnv, broadcast_object, init_distributed, shared_run_stamp, shutdown_distributed
 from .legacy import check_config
+from .model_config import kwargs_base
 from .segmentation_trainer import SegmentationTrainer
 
 __all__ = ["CONFIG_MODULE", "CODE_CONFIGS", "TASK_GROUPS", "register_configs", "config_task", "task_refusal",
-           "check_task", "plain_config", "resolve_output_dir", "setup_logging", "run_classification",
+           "check_task", "plain_config", "resolve_output_dir", "setup_logging", "command_line_overrides",
+           "run_classification",
            "run_segmentation"]
 
 CONFIG_MODULE = "mdeq.configs"  # the Hydra config package (mdeq/configs/), shipped with the package
@@ -38,12 +40,15 @@ TASK_GROUPS = ("model", "data")
 def register_configs() -> None:
     """What the Hydra tools need besides ``mdeq/configs/``: the ``deq/base`` group entry (every
     ``mdeq.core.DEQ`` option, null = the model's own setting; the values live in the core's declarations), the
-    ``schedule/base`` entry (the training schedule's defaults, from ``deq_schedule``), and the
+    ``model_base`` config that every model file starts from (every ``MDEQConfig`` architecture field under
+    ``kwargs``, null = the preset's own, so ``model.kwargs.<field>=...`` needs no ``+``; not a group option), the ``schedule/base`` entry (the training schedule's defaults, from
+    ``deq_schedule``), and the
     ``${mdeq_run_stamp:}`` resolver (a timestamp shared by all ranks of a torchrun job: one run folder)."""
     if not OmegaConf.has_resolver("mdeq_run_stamp"):
         OmegaConf.register_new_resolver("mdeq_run_stamp", lambda: shared_run_stamp())
     store = ConfigStore.instance()
     store.store(group="deq", name="base", node={name: None for name in DEQ_OPTIONS})
+    store.store(name="model_base", node=kwargs_base())
     store.store(group="schedule", name="base", node=schedule_defaults())
 
 
@@ -92,6 +97,15 @@ def setup_logging(env: DistEnv, level: int = logging.INFO) -> None:
     logging.getLogger("mdeq").setLevel(level if env.is_main else logging.WARNING)
 
 
+def command_line_overrides() -> List[str]:
+    """The config overrides of the running Hydra app's command line (empty outside a Hydra app)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return list(HydraConfig.get().overrides.task)
+
+
 def run_classification(cfg: DictConfig, require_start_weights: bool = False) -> Dict[str, Any]:
     """The body of ``train_cls`` / ``finetune``: join torchrun's group, train, return the final metrics."""
     config = plain_config(cfg)
@@ -109,7 +123,8 @@ def run_classification(cfg: DictConfig, require_start_weights: bool = False) -> 
     env = init_distributed(train["device"])
     try:
         setup_logging(env)
-        return ClassificationTrainer(config, env, resolve_output_dir(config, env)).fit()
+        return ClassificationTrainer(config, env, resolve_output_dir(config, env),
+                                     overrides=command_line_overrides()).fit()
     finally:
         shutdown_distributed()
 
@@ -128,6 +143,7 @@ def run_segmentation(cfg: DictConfig) -> Dict[str, Any]:
     env = init_distributed(config["train"]["device"])
     try:
         setup_logging(env)
-        return SegmentationTrainer(config, env, resolve_output_dir(config, env)).fit()
+        return SegmentationTrainer(config, env, resolve_output_dir(config, env),
+                                   overrides=command_line_overrides()).fit()
     finally:
         shutdown_distributed()

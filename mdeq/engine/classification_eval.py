@@ -15,6 +15,7 @@ from ..data.loaders import build_eval_loader
 from .amp import amp_dtype
 from .checkpoint import plain_data
 from .distributed import DistEnv, main_print
+from .equilibria import Equilibria
 from .evaluate import evaluate_classifier, sweep_solver_budgets, write_sweep
 from .model_source import load_model_for_eval
 
@@ -41,8 +42,14 @@ def evaluate_classification_source(source: str, env: DistEnv, output_dir: Path, 
     model = loaded.model.to(env.device).eval()
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    equilibria = Equilibria(model)
+    if not equilibria and (solver_changes or sweep_iters):
+        asked = [f"--{k.replace('_', '-')}" for k in solver_changes or {}] + (["--sweep-iters"] if sweep_iters else [])
+        raise SystemExit(f"{loaded.description} ({loaded.arch}) has no solver to set or sweep: it holds no MDEQ (an "
+                         f"explicit network computes the same output at any budget), so {', '.join(asked)} "
+                         "do not apply; evaluate it without them")
     if solver_changes:
-        model.configure_deq(**solver_changes)
+        equilibria.configure(**solver_changes)
 
     data = dict((loaded.config or {}).get("data") or {})
     if data_root is not None:  # the user's ImageFolder, whatever the run trained on
@@ -67,14 +74,16 @@ def evaluate_classification_source(source: str, env: DistEnv, output_dir: Path, 
     result = dict(source=source, description=loaded.description, arch=loaded.arch, split=split,
                   data_root=str(dataset.folder.parent), images=res.count, top1=res.top1, top5=res.top5,
                   loss=res.loss, deq_nstep_mean=res.deq_nstep_mean, deq_rel_residual_mean=res.deq_rel_residual_mean,
-                  deq_abs_residual_mean=res.deq_abs_residual_mean, solver=plain_data(model.deq.options),
-                  input_size=list(data_cfg["input_size"]), crop_pct=data_cfg.get("crop_pct"))
-    say(f"{loaded.description}: top-1 {res.top1:.2f}%  top-5 {res.top5:.2f}%  on {res.count} images; "
-        f"{res.deq_nstep_mean:.1f} solver steps/image, relative residual {res.deq_rel_residual_mean:.3g}")
+                  deq_abs_residual_mean=res.deq_abs_residual_mean, solver=plain_data(equilibria.options),
+                  has_mdeq=bool(equilibria), input_size=list(data_cfg["input_size"]),
+                  crop_pct=data_cfg.get("crop_pct"))
+    solved = (f"{res.deq_nstep_mean:.1f} solver steps/image, relative residual {res.deq_rel_residual_mean:.3g}"
+              if res.solved else "an explicit network (no MDEQ, nothing solved)")
+    say(f"{loaded.description}: top-1 {res.top1:.2f}%  top-5 {res.top5:.2f}%  on {res.count} images; {solved}")
     if sweep_iters:
-        base = dict(model.deq.options)
-        rows = sweep_solver_budgets(model, loader, env, sweep_iters, lambda k: model.configure_deq(max_iter=k), **kw)
-        model.configure_deq(max_iter=base["max_iter"])
+        base = equilibria.options
+        rows = sweep_solver_budgets(model, loader, env, sweep_iters, lambda k: equilibria.configure(max_iter=k), **kw)
+        equilibria.configure(max_iter=base["max_iter"])
         result["sweep"] = rows
         if env.is_main:
             write_sweep(rows, output_dir, f"{loaded.arch} ({base['solver']})")

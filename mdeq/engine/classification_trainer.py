@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections import Counter
 from typing import Any, Dict, List, Mapping, Optional
 
 import timm
@@ -17,10 +18,12 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 
+from ..data.auto import DataChoices, resolve_data_choices
 from ..data.classification import build_transform, resolve_data_cfg
 from ..data.factory import build_classification_datasets
 from ..data.inspect import typical_image_size
 from .evaluate import EvalResult, evaluate_classifier
+from .model_config import architecture_kwargs
 from .training_loop import Trainer
 from .weights import freeze_groups, load_backbone_weights, read_state_dict
 
@@ -30,20 +33,32 @@ _log = logging.getLogger("mdeq.train")
 
 
 # ---------------------------------------------------------------------------------------------- builders
-def build_model(model_cfg: Mapping[str, Any], num_classes: int) -> nn.Module:
+def build_model(model_cfg: Mapping[str, Any], num_classes: int, deq_cfg: Optional[Mapping[str, Any]] = None,
+                kwargs: Optional[Mapping[str, Any]] = None) -> nn.Module:
     """A timm model from ``model`` config: name, pretrained, weights (local file), kwargs, drop_rate, freeze.
 
-    ``kwargs`` are the architecture's (``MDEQConfig`` fields: ``skip_init=true`` adds the Skip DEQ predictor).
-    Weights of a model without the add-ons (``addon_prefixes``) load with the add-ons left at their init.
+    Any timm classifier works (``resnet18``, ``hrnet_w18_small``, ``hf-hub:...``, ``local-dir:...``). For an MDEQ
+    the ``kwargs`` are ``MDEQConfig`` fields (``skip_init=true`` adds the Skip DEQ predictor, also built when
+    ``deq_cfg`` starts from it: ``model_config.architecture_kwargs``, unless ``kwargs`` gives them resolved);
+    another model takes its own keywords. Weights of a model without the add-ons (``addon_prefixes``) load with the
+    add-ons left at their init.
     """
     name = model_cfg["name"]
-    kwargs = dict(model_cfg.get("kwargs") or {})
-    model = timm.create_model(name, pretrained=bool(model_cfg.get("pretrained", False)), num_classes=num_classes,
-                              drop_rate=float(model_cfg.get("drop_rate", 0.0) or 0.0), **kwargs)
+    kwargs = dict(architecture_kwargs(model_cfg, deq_cfg or {}) if kwargs is None else kwargs)
+    try:
+        model = timm.create_model(name, pretrained=bool(model_cfg.get("pretrained", False)), num_classes=num_classes,
+                                  drop_rate=float(model_cfg.get("drop_rate", 0.0) or 0.0), **kwargs)
+    except TypeError as e:
+        if not kwargs:
+            raise
+        raise ValueError(f"timm.create_model({name!r}, ...) does not take model.kwargs {sorted(kwargs)}: {e}; "
+                         f"pass only keywords of {name} (model.kwargs are the MDEQConfig fields for mdeq_* models)"
+                         ) from e
     weights = model_cfg.get("weights")
     if weights:
+        head = getattr(model, "pretrained_cfg", {}).get("classifier") or "classifier"
         fresh, _ = load_backbone_weights(model, read_state_dict(weights, prefer_ema=bool(model_cfg.get("ema_weights"))),
-                                         head_names=("classifier",))
+                                         head_names=tuple(head) if isinstance(head, (list, tuple)) else (head,))
         if fresh:
             _log.info("loaded %s; new head (%d classes): %s", weights, num_classes, fresh)
     freeze_groups(model, model_cfg.get("freeze") or [])
@@ -60,13 +75,17 @@ class ClassificationTrainer(Trainer):
         return build_classification_datasets(self.cfg["data"], self.env)
 
     def build_model(self) -> nn.Module:
-        return build_model(self.cfg["model"], self.num_classes)
+        return build_model(self.cfg["model"], self.num_classes, kwargs=self.model_kwargs)
 
     def setup_transforms(self) -> None:
-        self.data_cfg = resolve_data_cfg(self.model, self.cfg["data"].get("overrides"))
+        image_side = typical_image_size(self.train_set)
+        self.data_choices = data_choices_for(self.cfg["data"], self.model, image_side)
+        self.data_cfg = resolve_data_cfg(self.model, self.data_choices.overrides)
         if self.env.is_main:
-            report_input_size(self.data_cfg, self.train_set, self.cfg["model"]["name"])
-        self.train_set.transform = build_transform(self.data_cfg, True, self.cfg["data"].get("aug"))
+            for reason in self.data_choices.reasons:
+                _log.info("data: %s", reason)
+            report_input_size(self.data_cfg, image_side, self.cfg["model"]["name"])
+        self.train_set.transform = build_transform(self.data_cfg, True, self.data_choices.aug)
         self.val_set.transform = build_transform(self.data_cfg, False)
 
     def setup_loss(self) -> None:
@@ -104,6 +123,11 @@ class ClassificationTrainer(Trainer):
     def extra_state(self) -> Dict[str, Any]:
         return dict(data_cfg=self.data_cfg, classes=list(self.train_set.classes))
 
+    def chance_score(self) -> float:
+        """Top-1 (%) of always predicting the validation set's most frequent class."""
+        counts = Counter(self.val_set.targets)
+        return 100.0 * max(counts.values()) / max(len(self.val_set), 1)
+
     def bn_dataset(self):
         data = copy.copy(self.train_set)  # the train images with eval transforms
         data.transform = self.val_set.transform
@@ -118,37 +142,57 @@ class ClassificationTrainer(Trainer):
         return result.top1
 
     def eval_scalars(self, res: EvalResult) -> Dict[str, float]:
-        return {"top1": res.top1, "top5": res.top5, "loss": res.loss, "deq_nstep": res.deq_nstep_mean,
-                "deq_rel_residual": res.deq_rel_residual_mean, "deq_diverged": res.deq_diverged}
+        scalars = {"top1": res.top1, "top5": res.top5, "loss": res.loss}
+        if res.solved:
+            scalars.update(deq_nstep=res.deq_nstep_mean, deq_rel_residual=res.deq_rel_residual_mean,
+                           deq_diverged=res.deq_diverged)
+        return scalars
 
     def val_row(self, res: Optional[EvalResult], prefix: str = "val_") -> Dict[str, Any]:
         row: Dict[str, Any] = {f"{prefix}top1": res.top1 if res else "", f"{prefix}top5": res.top5 if res else ""}
         if prefix == "val_":
-            row.update(val_loss=res.loss if res else "", deq_nstep_mean=res.deq_nstep_mean if res else "",
-                       deq_rel_residual_mean=res.deq_rel_residual_mean if res else "")
+            def solver(value):
+                return "" if value is None else value
+
+            row.update(val_loss=res.loss if res else "", deq_nstep_mean=solver(res.deq_nstep_mean if res else None),
+                       deq_rel_residual_mean=solver(res.deq_rel_residual_mean if res else None))
         return row
 
     def final_metrics(self, val: EvalResult) -> Dict[str, Any]:
         return dict(val_top1=val.top1, val_top5=val.top5, val_loss=val.loss, val_count=val.count,
                     deq_nstep_mean=val.deq_nstep_mean, deq_rel_residual_mean=val.deq_rel_residual_mean,
-                    deq_abs_residual_mean=val.deq_abs_residual_mean, deq_diverged=val.deq_diverged)
+                    deq_abs_residual_mean=val.deq_abs_residual_mean, deq_diverged=val.deq_diverged,
+                    data_choices=dict(input_size=list(self.data_cfg["input_size"][-2:]),
+                                      crop_pct=self.data_cfg.get("crop_pct"), aug=self.data_choices.aug,
+                                      reasons=self.data_choices.reasons))
 
     def hparam_metrics(self, metrics: Mapping[str, Any]) -> Dict[str, float]:
         return {k: metrics[k] for k in ("val_top1", "val_top5")}
 
     def report_lines(self, m: Mapping[str, Any]) -> List[str]:
-        return [f"val top-1 {m['val_top1']:.2f}%  top-5 {m['val_top5']:.2f}%  loss {m['val_loss']:.4f}",
-                f"solver: {m['deq_nstep_mean']:.1f} steps/image, relative residual {m['deq_rel_residual_mean']:.3g}"]
+        lines = [f"val top-1 {m['val_top1']:.2f}%  top-5 {m['val_top5']:.2f}%  loss {m['val_loss']:.4f}"]
+        if m.get("deq_nstep_mean") is None:
+            return lines + [f"{m['model']}: an explicit network (no MDEQ, nothing solved)"]
+        return lines + [f"solver: {m['deq_nstep_mean']:.1f} steps/image, relative residual "
+                        f"{m['deq_rel_residual_mean']:.3g}"]
 
 
-def report_input_size(data_cfg: Mapping[str, Any], dataset, model_name: str) -> None:
-    """Log the input size a run trains at and where it comes from; warn when it is more than 2x away from the
-    data's typical image size (e.g. a 16x16 default on 32x32 images), which costs accuracy without a word."""
+def data_choices_for(data_cfg: Mapping[str, Any], model: nn.Module, image_side: Optional[int]) -> DataChoices:
+    """The run's data choices (``mdeq.data.auto``) for ``model``: its pretrained cfg's input size, whether that size
+    is fixed (a ViT), and the multiple an MDEQ's input must be (``size_divisor``)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    cfg_side = int(min((cfg.get("input_size") or (3, 224, 224))[-2:]))
+    divisor = int(getattr(getattr(model, "cfg", None), "size_divisor", 1) or 1)
+    return resolve_data_choices(data_cfg, cfg_side, image_side, divisor, bool(cfg.get("fixed_input_size")))
+
+
+def report_input_size(data_cfg: Mapping[str, Any], native: Optional[int], model_name: str) -> None:
+    """Log the input size a run trains at; warn when it is more than 2x away from the data's typical image size
+    ``native`` (e.g. a 16x16 setting on 32x32 images), which costs accuracy without a word."""
     h, w = data_cfg["input_size"][-2:]
-    native = typical_image_size(dataset)
-    _log.info("input size %dx%d (data.overrides.input_size, else %s's pretrained cfg); the training images' "
-              "median shorter side: %s", h, w, model_name, f"{native} px" if native else "unknown")
+    _log.info("input size %dx%d; the training images' median shorter side: %s", h, w,
+              f"{native} px" if native else "unknown")
     if native and not 0.5 <= min(h, w) / native <= 2.0:
         _log.warning("training at %dx%d, but the images' median shorter side is %d px (more than 2x away): set "
-                     "data.overrides.input_size=%d to train near the data's own size, or choose a model tag made "
-                     "for it", h, w, native, native)
+                     "data.overrides.input_size=auto (or %d) to train near the data's own size, or choose a model tag "
+                     "made for it", h, w, native, native)

@@ -16,19 +16,25 @@ Follows the official classification loop (``cls_function.train``), per optimizer
 The random draws come from a generator seeded by (seed, step), so every DDP rank makes the same choice and a
 resumed run makes the same choices as an uninterrupted one. The defaults of the ``schedule`` config group are
 this module's dataclass defaults (``schedule_defaults``), their only home.
+
+The schedule configures every MDEQ in the model (``mdeq.configure_deq``: an MDEQ preset, its ``features_only``
+extractor, a user's model with MDEQs inside). A model holding none trains on ``ExplicitSchedule``: one phase, no
+solver, no penalty (``schedule_for`` picks).
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Union
 
 import numpy as np
 from torch import nn
 
-__all__ = ["JacobianSchedule", "DEQSchedule", "StepPlan", "PRETRAIN", "DEQ_MODE", "SCHEDULE_FIELDS",
-           "schedule_defaults", "deq_changes", "build_schedule", "resolve_pretrain"]
+from ..models.control import configure_deq, find_mdeqs, set_jac_probes
 
-PRETRAIN, DEQ_MODE = "pretrain", "deq"
+__all__ = ["JacobianSchedule", "DEQSchedule", "ExplicitSchedule", "StepPlan", "PRETRAIN", "DEQ_MODE", "EXPLICIT",
+           "SCHEDULE_FIELDS", "schedule_defaults", "deq_changes", "build_schedule", "schedule_for", "resolve_pretrain"]
+
+PRETRAIN, DEQ_MODE, EXPLICIT = "pretrain", "deq", "explicit"  # EXPLICIT: the one phase of a model without an MDEQ
 
 
 @dataclass(frozen=True)
@@ -103,8 +109,10 @@ class DEQSchedule:
         return PRETRAIN if step < self.pretrain_steps else DEQ_MODE
 
     def depth(self, model: nn.Module) -> int:
-        """The unrolled depth: ``unroll_steps``, else the model's ``num_layers`` (the official NUM_LAYERS)."""
-        return self.unroll_steps or int(getattr(getattr(model, "cfg", None), "num_layers", None) or 1)
+        """The unrolled depth: ``unroll_steps``, else the (first) MDEQ's ``num_layers`` (the official NUM_LAYERS)."""
+        if self.unroll_steps:
+            return self.unroll_steps
+        return next((int(getattr(s, "num_layers", 0) or 0) for s in find_mdeqs(model).values()), 0) or 1
 
     def plan(self, step: int, epoch: int) -> StepPlan:
         """The plan of optimizer step ``step`` (0-based, counted over the whole run) in ``epoch``."""
@@ -127,25 +135,46 @@ class DEQSchedule:
                         jac_weight=weight if compute else 0.0)
 
     def apply(self, model: nn.Module, plan: StepPlan) -> None:
-        """Configure ``model`` (an MDEQ backbone) for a training step with ``plan``."""
+        """Configure every MDEQ in ``model`` for a training step with ``plan``."""
         if plan.phase == PRETRAIN:
-            model.configure_deq(solver="unroll", max_iter=plan.max_iter or self.depth(model))
+            configure_deq(model, solver="unroll", max_iter=plan.max_iter or self.depth(model))
         else:
-            model.configure_deq(**{**dict(self.deq), "max_iter": plan.max_iter})
-        model.jac_probes = self.jac.probes if plan.compute_jac else 0
+            configure_deq(model, **{**dict(self.deq), "max_iter": plan.max_iter})
+        set_jac_probes(model, self.jac.probes if plan.compute_jac else 0)
 
     def apply_eval(self, model: nn.Module, step: int, max_iter: Optional[int] = None) -> None:
         """Configure ``model`` for evaluation after ``step`` optimizer steps (the phase training is in);
         ``max_iter`` (DEQ mode) overrides the evaluation budget."""
-        model.jac_probes = 0
+        set_jac_probes(model, 0)
         if self.phase(step) == PRETRAIN and max_iter is None:
-            model.configure_deq(solver="unroll", max_iter=self.depth(model))
+            configure_deq(model, solver="unroll", max_iter=self.depth(model))
         else:
-            model.configure_deq(**{**dict(self.deq), "max_iter": max_iter or self.eval_max_iter or self.max_iter})
+            configure_deq(model, **{**dict(self.deq), "max_iter": max_iter or self.eval_max_iter or self.max_iter})
 
     def describe(self, step: int) -> Dict[str, Any]:
         return dict(phase=self.phase(step), pretrain_steps=self.pretrain_steps, unroll_steps=self.unroll_steps,
                     **{f"deq_{k}": v for k, v in self.deq.items()})
+
+
+class ExplicitSchedule:
+    """The schedule of a model without an MDEQ: every step the same (phase ``explicit``), nothing to configure."""
+
+    pretrain_steps = 0
+
+    def phase(self, step: int) -> str:
+        return EXPLICIT
+
+    def plan(self, step: int, epoch: int) -> StepPlan:
+        return StepPlan(phase=EXPLICIT, max_iter=None, jac_weight=0.0)
+
+    def apply(self, model: nn.Module, plan: StepPlan) -> None:
+        """Nothing to configure."""
+
+    def apply_eval(self, model: nn.Module, step: int, max_iter: Optional[int] = None) -> None:
+        """Nothing to configure."""
+
+    def describe(self, step: int) -> Dict[str, Any]:
+        return dict(phase=EXPLICIT)
 
 
 SCHEDULE_FIELDS = ("pretrain_steps", "pretrain_fraction", "unroll_steps", "eval_max_iter", "max_iter_jitter", "jac")
@@ -179,9 +208,11 @@ def build_schedule(cfg: Mapping[str, Any], model: nn.Module) -> DEQSchedule:
     """The run's schedule; ``model`` gets the run's DEQ-mode settings now (validated before the first step).
 
     The schedule keeps the model's resulting settings whole (its preset's, changed by the run's ``deq``), so
-    returning to DEQ mode after the unrolled phase restores all of them.
+    returning to DEQ mode after the unrolled phase restores all of them. Every MDEQ in ``model`` is configured
+    alike (``mdeq.configure_deq``); a model without one raises the ValueError "no MDEQ found in ..."
+    (``schedule_for`` gives such a model ``ExplicitSchedule``).
     """
-    model.configure_deq(**deq_changes(cfg))
+    stages = configure_deq(model, **deq_changes(cfg))
     s = dict(cfg.get("schedule") or {})
     jac = JacobianSchedule(**dict(s.pop("jac", None) or {}))
     unknown = sorted(set(s) - set(SCHEDULE_FIELDS))
@@ -190,6 +221,12 @@ def build_schedule(cfg: Mapping[str, Any], model: nn.Module) -> DEQSchedule:
     if float(s.get("pretrain_fraction") or 0.0) and not int(s.get("pretrain_steps") or 0):
         raise ValueError("schedule.pretrain_fraction is a fraction of the run's steps: turn it into "
                          "schedule.pretrain_steps with resolve_pretrain(cfg, total_steps) first")
-    deq = {**model.deq.settings, "max_iter": model.deq.options["max_iter"]}
+    first = next(iter(stages.values()))
+    deq = {**first.settings, "max_iter": first.options["max_iter"]}
     schedule = DEQSchedule(jac=jac, deq=deq, seed=int(cfg["train"]["seed"]), **s)
     return replace(schedule, unroll_steps=schedule.depth(model))
+
+
+def schedule_for(cfg: Mapping[str, Any], model: nn.Module) -> Union[DEQSchedule, ExplicitSchedule]:
+    """``build_schedule`` for a model holding an MDEQ, ``ExplicitSchedule`` for one without."""
+    return build_schedule(cfg, model) if find_mdeqs(model) else ExplicitSchedule()

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from ..core import budget_options  # noqa: F401  (its home is the core; kept importable from here)
 from .amp import autocast_context
 from .distributed import DistEnv, all_reduce_sum
+from .equilibria import Equilibria
 from .solver_health import warn_diverged
 
 __all__ = ["EvalResult", "evaluate_classifier", "sweep_solver_budgets", "write_sweep"]
@@ -24,16 +25,22 @@ __all__ = ["EvalResult", "evaluate_classifier", "sweep_solver_budgets", "write_s
 @dataclass
 class EvalResult:
     """Accuracies in percent; ``deq_*`` are per-image means of the solver's steps and relative residual, and
-    ``deq_diverged`` the number of images whose solve diverged (a non-finite image counts here)."""
+    ``deq_diverged`` the number of images whose solve diverged (a non-finite image counts here); all None for a
+    model without an MDEQ (nothing is solved)."""
 
     top1: float
     top5: float
     loss: float
     count: int
-    deq_nstep_mean: float
-    deq_rel_residual_mean: float
-    deq_abs_residual_mean: float
-    deq_diverged: int = 0
+    deq_nstep_mean: Optional[float]
+    deq_rel_residual_mean: Optional[float]
+    deq_abs_residual_mean: Optional[float]
+    deq_diverged: Optional[int] = 0
+
+    @property
+    def solved(self) -> bool:
+        """Whether the model solved for an equilibrium (holds an MDEQ)."""
+        return self.deq_nstep_mean is not None
 
     def as_dict(self, prefix: str = "") -> Dict[str, float]:
         return {f"{prefix}{k}": v for k, v in asdict(self).items()}
@@ -45,11 +52,12 @@ def evaluate_classifier(model: nn.Module, loader: Iterable, env: DistEnv, amp_dt
                         stats_model: Optional[nn.Module] = None) -> EvalResult:
     """Run ``model`` over ``loader`` (this rank's shard) and all-reduce the sums, so every rank gets the totals.
 
-    ``stats_model`` is the module exposing ``deq_stats`` (the unwrapped model when ``model`` is DDP-wrapped).
+    ``stats_model`` is the module holding the MDEQs whose solver statistics are averaged (the unwrapped model when
+    ``model`` is DDP-wrapped); a model holding none gives ``deq_*`` None.
     """
     was_training = model.training
     model.eval()
-    stats_model = stats_model or model
+    equilibria = Equilibria(stats_model or model)
     # correct@1, correct@5, loss, count, steps, rel. residual, abs. residual, diverged: summed on the device
     sums = torch.zeros(8, dtype=torch.float64, device=env.device)
     bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not (progress and env.is_main))
@@ -64,7 +72,7 @@ def evaluate_classifier(model: nn.Module, loader: Iterable, env: DistEnv, amp_dt
         hit = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(targets[:, None])
         batch = [hit[:, 0].sum(), hit.any(dim=1).sum(), F.cross_entropy(logits, targets, reduction="sum"),
                  torch.tensor(targets.numel(), device=env.device)]
-        stats = getattr(stats_model, "deq_stats", None)
+        stats = equilibria.stats()
         if stats is not None:
             batch += [stats.nstep.sum(), stats.rel_residual.sum(), stats.abs_residual.sum(), stats.diverged.sum()]
         sums[:len(batch)] += torch.stack([b.double().to(env.device) for b in batch])
@@ -72,6 +80,10 @@ def evaluate_classifier(model: nn.Module, loader: Iterable, env: DistEnv, amp_dt
     model.train(was_training)
     if count == 0:
         raise ValueError("the evaluation set is empty")
+    if not equilibria:
+        return EvalResult(top1=100.0 * c1 / count, top5=100.0 * c5 / count, loss=loss / count, count=int(count),
+                          deq_nstep_mean=None, deq_rel_residual_mean=None, deq_abs_residual_mean=None,
+                          deq_diverged=None)
     if env.is_main:
         warn_diverged(int(diverged), int(count), "evaluation")
     return EvalResult(top1=100.0 * c1 / count, top5=100.0 * c5 / count, loss=loss / count, count=int(count),

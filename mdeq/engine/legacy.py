@@ -2,7 +2,8 @@
 
 Until version 0.1.0 (checkpoint format 1) the solver budget had other names (``deq.f_thres``, ``deq.b_thres``,
 ``eval_f_thres``, ``--f-thres``), the training schedule lived in the ``deq`` and ``jac`` groups, and the Skip
-DEQ predictor was built from a run-time setting (``deq.init=skip``). ``RENAMED`` maps every old config key to
+DEQ predictor was built from a run-time setting (``deq.init=skip``; a training run starting from it still builds
+it: ``model_config.architecture_kwargs``). ``RENAMED`` maps every old config key to
 its new one; ``check_overrides`` and ``check_config`` turn an old name on the command line or in a config file
 into an error that names the new one; ``upgrade_checkpoint`` rewrites a format-1 checkpoint in memory, so old
 checkpoints load, resume and evaluate as before.
@@ -27,8 +28,6 @@ RENAMED: Dict[str, str] = {
     "deq.rand_f_thres_delta": "schedule.max_iter_jitter",
     "jac": "schedule.jac",
 }
-_OLD_SKIP = ("deq.init=skip: the Skip DEQ predictor is an architecture field now: model.kwargs.skip_init=true "
-             "(the predictor is then the initial guess; deq.init stays zeros | skip | skip_reg)")
 
 
 def _new_name(key: str) -> str:
@@ -70,8 +69,6 @@ def check_config(cfg: Mapping[str, Any]) -> None:
     one: such a key would otherwise be carried along and silently ignored."""
     problems = [f"{k} is now {_new_name(k)}" for k in _flat_keys(cfg)
                 if _new_name(k) and not any(_new_name(p) for p in _parents(k))]
-    if cfg.get("deq", {}).get("init") == "skip" and not (cfg.get("model", {}).get("kwargs") or {}).get("skip_init"):
-        problems.append(_OLD_SKIP)
     if problems:
         raise SystemExit("the config uses old setting names: " + "; ".join(problems))
 

@@ -8,8 +8,10 @@ from typing import Any, Dict, Optional
 
 import timm
 import torch
+from timm.models import get_pretrained_cfg_value
 
-from ..models import create_segmentation_model, infer_preset, list_segmentation_models, load_converted
+from ..models import (StateDictMismatch, create_segmentation_model, infer_preset, list_segmentation_models,
+                      load_converted)
 from .legacy import upgrade_checkpoint
 from .rebuild import LoadedModel, is_training_checkpoint, model_from_checkpoint
 from .weight_files import WEIGHTS_FORMATS, names_a_file, read_weights_file
@@ -40,17 +42,31 @@ def load_model_for_eval(source: str, model_name: Optional[str] = None, num_class
 def _from_weights_file(path: Path, sd: Dict[str, torch.Tensor], model_name: Optional[str],
                        num_classes: Optional[int]) -> LoadedModel:
     if model_name is None:
-        name, task, n = infer_preset(sd)
+        try:
+            name, task, n = infer_preset(sd)
+        except StateDictMismatch as e:
+            raise StateDictMismatch(f"{path}: {e}\n(the weights of another timm model, e.g. resnet18, need its name: "
+                                    f"--model resnet18)") from None
         if task != "cls":
             raise ValueError(f"{path} holds a segmentation model; eval_cls evaluates classifiers")
         model_name = name
     if num_classes is None:
-        if "classifier.weight" not in sd:
-            raise ValueError(f"{path} has no classifier.weight; pass the number of classes")
-        num_classes = int(sd["classifier.weight"].shape[0])
+        head = f"{_classifier_name(model_name)}.weight"
+        if head not in sd:
+            raise ValueError(f"{path} has no {head} (the classifier of {model_name}); pass the number of classes")
+        num_classes = int(sd[head].shape[0])
     model = timm.create_model(model_name, num_classes=num_classes)
     load_converted(model, sd)
     return LoadedModel(model=model, arch=model_name.split(".")[0], description=f"weights file {path}")
+
+
+def _classifier_name(model_name: str) -> str:
+    """The classifier module of a timm architecture (its pretrained cfg's ``classifier``: ``fc`` for a ResNet)."""
+    try:
+        head = get_pretrained_cfg_value(model_name, "classifier")
+    except RuntimeError:  # no registered cfg (hf-hub:, local-dir:)
+        head = None
+    return head[0] if isinstance(head, (list, tuple)) else head or "classifier"
 
 
 def load_segmentation_model_for_eval(source: str, model_name: Optional[str] = None,

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..models import create_segmentation_model, describe_mismatch, state_shapes
 from .checkpoint import CheckpointError, load_checkpoint
-from .deq_schedule import DEQSchedule, build_schedule
+from .deq_schedule import DEQSchedule, ExplicitSchedule, schedule_for
 from .weight_files import CHECKPOINT_FORMATS, describe_content, weights_file_error
 
 __all__ = ["LoadedModel", "model_from_checkpoint", "TASK_BUILDERS", "is_training_checkpoint",
@@ -40,7 +40,7 @@ class LoadedModel:
     classes: Optional[List[str]] = None          # class names in index order (training checkpoints)
     data_cfg: Optional[Dict[str, Any]] = None    # the transforms' data config used in training
     config: Optional[Dict[str, Any]] = None      # the training run's config
-    schedule: Optional[DEQSchedule] = None
+    schedule: Optional[Union[DEQSchedule, ExplicitSchedule]] = None
     step: int = 0
     task: str = "classification"
     extra: Dict[str, Any] = field(default_factory=dict)
@@ -85,7 +85,7 @@ def model_from_checkpoint(source: Union[str, Path, Mapping[str, Any]], use_ema: 
         weights = ckpt["model_ema"]
     _load(model, weights, allow_missing=tuple(getattr(model, "addon_prefixes", lambda: ())()) if arch_overrides
           else (), where=path)
-    schedule = build_schedule(cfg, model)
+    schedule = schedule_for(cfg, model)
     step = int(ckpt["progress"]["step"])
     schedule.apply_eval(model, step)
     return LoadedModel(model=model, arch=ident["arch"], description=f"training checkpoint {path} (step {step})",

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
 
 from ..models.convert import StateDictMismatch
 from ..models.segmentation import create_segmentation_model, list_segmentation_models
+from .model_config import check_mdeq_kwargs, set_kwargs
 from .weight_files import WEIGHTS_FORMATS, names_a_file
 from .weights import freeze_groups, load_backbone_weights, read_state_dict
 
@@ -60,8 +61,11 @@ def _classification_state_dict(source: str) -> Tuple[Dict[str, torch.Tensor], st
     return timm.create_model(source, pretrained=True).state_dict(), f"timm {source}"
 
 
-def build_segmentation_model(model_cfg: Mapping[str, Any], num_classes: int) -> Tuple[nn.Module, Dict[str, Any]]:
-    """The model of a ``model`` config (name, kwargs, pretrained, weights, backbone, freeze) and what was loaded.
+def build_segmentation_model(model_cfg: Mapping[str, Any], num_classes: int,
+                             kwargs: Optional[Mapping[str, Any]] = None) -> Tuple[nn.Module, Dict[str, Any]]:
+    """The model of a ``model`` config (name, kwargs, pretrained, weights, backbone, freeze) and what was loaded;
+    ``kwargs``: the architecture keywords resolved (``model_config.architecture_kwargs``; default: the config's set
+    ones).
 
     - ``pretrained``: a published segmentation tag (or true for the first) from the zoo catalog;
     - ``weights``: a local file with full segmentation weights (a training checkpoint of this package,
@@ -75,7 +79,8 @@ def build_segmentation_model(model_cfg: Mapping[str, Any], num_classes: int) -> 
     sources = [k for k in ("pretrained", "weights", "backbone") if model_cfg.get(k)]
     if len(sources) > 1:
         raise ValueError(f"set at most one of model.pretrained, model.weights, model.backbone (got {sources})")
-    kwargs = dict(model_cfg.get("kwargs") or {})  # architecture fields (skip_init=true: the Skip DEQ predictor)
+    kwargs = dict(set_kwargs(model_cfg) if kwargs is None else kwargs)  # MDEQConfig fields (skip_init, dropout, ...)
+    check_mdeq_kwargs(kwargs, name)
     info: Dict[str, Any] = dict(log=[], summary="random init")
     pretrained = model_cfg.get("pretrained")
     model = create_segmentation_model(name, num_classes=num_classes, pretrained=pretrained or False, **kwargs)

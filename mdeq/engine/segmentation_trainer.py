@@ -68,7 +68,7 @@ class SegmentationTrainer(Trainer):
         model_cfg = dict(self.cfg["model"])
         if self.tcfg.get("resume"):  # the checkpoint holds the weights: no need to fetch the starting ones again
             model_cfg.update(pretrained=None, weights=None, backbone=None)
-        model, info = build_segmentation_model(model_cfg, self.num_classes)
+        model, info = build_segmentation_model(model_cfg, self.num_classes, kwargs=self.model_kwargs)
         self.init_info = info
         for line in info.get("log", []):
             _log.info("%s", line)

@@ -57,8 +57,12 @@ EXAMPLES: Dict[str, Tuple[Example, ...]] = {
         Example(("experiment=imagenet_small", "data.root=/data/imagenet"),
                 "an official recipe (group experiment below) on your copy of its data"),
         Example(("~experiment", "data=imagefolder", "data.root=/data/mine", "model=mdeq_tiny"),
-                "your own ImageFolder (train/<class>/*, val/<class>/*) without a recipe: deq/default and "
-                "schedule/default carry the MDEQ essentials"),
+                "your own ImageFolder (train/<class>/*, val/<class>/*) without a recipe: the own-data defaults "
+                "(input size and crops chosen from the images; deq/default and schedule/default carry the MDEQ "
+                "essentials)"),
+        Example(("~experiment", "data=imagefolder", "data.root=/data/mine", "model.name=resnet18"),
+                "an explicit baseline on the same data with the same recipe: any timm classifier (the MDEQ "
+                "settings are skipped for a model without an MDEQ)"),
         Example(("experiment=imagenet_small", "data.root=/data/imagenet", _RESUME.format(tool="train_cls")), _AGAIN),
         Example(("experiment=imagenet_small", "data.root=/data/imagenet"), _DDP, torchrun=True),
     ),

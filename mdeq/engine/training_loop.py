@@ -24,7 +24,7 @@ import sys
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from timm.optim import create_optimizer_v2
@@ -36,17 +36,20 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from ..data.inspect import verify_datasets
-from ..data.loaders import build_eval_loader, build_train_loader, steps_per_epoch
+from ..data.loaders import build_eval_loader, build_train_loader, resolve_workers, steps_per_epoch
 from .amp import amp_dtype, autocast_context
 from .checkpoint import load_checkpoint, plain_data, save_atomic
 from .deq_loss import with_corrections, with_regularizers
-from .deq_schedule import PRETRAIN, build_schedule, resolve_pretrain
+from .deq_schedule import EXPLICIT, PRETRAIN, resolve_pretrain, schedule_for
 from .distributed import DistEnv, all_reduce_sum
+from .equilibria import Equilibria, log_skipped_mdeq_defaults, refuse_mdeq_settings
+from .model_config import architecture_kwargs
 from .precise_bn import PreciseBN
 from .run_logger import RunLogger, write_json_atomic
 from .run_state import Progress, RunParts, check_resumable, restore_run_state, run_state_dict, seed_everything
 from .preemption import StopSignals
 from .solver_health import warn_diverged
+from .train_health import TrainingHealth
 from .train_stats import StatsWindow
 
 __all__ = ["Trainer"]
@@ -58,14 +61,16 @@ class Trainer(ABC):
     """The task-independent training loop, built from a resolved config dict; see the module docstring.
 
     A task subclass sets ``task`` and ``score_name`` (the validation number ``best.pth`` follows) and
-    implements the methods marked "task" below.
+    implements the methods marked "task" below. ``overrides`` are the command line's config overrides: an MDEQ
+    setting among them is refused for a model without an MDEQ (``equilibria.refuse_mdeq_settings``).
     """
 
     task = "task"
     score_name = "score"
 
-    def __init__(self, cfg: Mapping[str, Any], env: DistEnv, output_dir: os.PathLike):
+    def __init__(self, cfg: Mapping[str, Any], env: DistEnv, output_dir: os.PathLike, overrides: Sequence[str] = ()):
         self.cfg = cfg
+        self.overrides = list(overrides)
         self.env = env
         self.tcfg = dict(cfg["train"])
         self.output_dir = Path(output_dir)
@@ -86,7 +91,13 @@ class Trainer(ABC):
 
         # model (+ the transforms, which may depend on it)
         torch.manual_seed(seed)  # the same init on every rank (DDP broadcasts rank 0's anyway)
+        self.model_kwargs = architecture_kwargs(cfg["model"], cfg.get("deq") or {}, self.overrides)  # build_model's
         self.model = self.build_model()
+        self.equilibria = Equilibria(self.model)
+        if not self.equilibria:
+            refuse_mdeq_settings(self.overrides, cfg["model"]["name"])
+            if env.is_main:
+                log_skipped_mdeq_defaults(cfg["model"]["name"])
         seed_everything(seed + env.rank)  # training randomness (dropout masks, probes, mixup) differs per rank
         self.setup_transforms()
         self.sync_bn = bool(self.tcfg.get("sync_bn")) and env.distributed
@@ -100,13 +111,14 @@ class Trainer(ABC):
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         if self.tcfg.get("compile_cell"):
-            if not hasattr(self.model, "compile_cell"):
-                raise ValueError(f"train.compile_cell=true needs an MDEQ model; {type(self.model).__name__} has no "
+            if not self.equilibria:
+                raise ValueError(f"train.compile_cell=true needs an MDEQ model; {cfg['model']['name']} has no "
                                  "equilibrium cell (use train.compile_cell=false)")
-            self.model.compile_cell()
+            for stage in self.equilibria.stages.values():
+                stage.compile_cell()
 
         batch = int(cfg["data"]["batch_size"])
-        self.workers = int(cfg["data"].get("workers", 2))
+        self.workers = resolve_workers(cfg["data"].get("workers"))
         pin = env.device.type == "cuda"
         self.train_loader = build_train_loader(self.train_set, batch, seed, env.world_size, env.rank, self.workers,
                                                pin)
@@ -123,7 +135,7 @@ class Trainer(ABC):
         self.max_steps = self.tcfg.get("max_steps")
         run_steps = self.epochs * self.updates_per_epoch
         self.cfg = cfg = resolve_pretrain(cfg, min(run_steps, int(self.max_steps)) if self.max_steps else run_steps)
-        self.schedule = build_schedule(cfg, self.model)
+        self.schedule = schedule_for(cfg, self.model)
 
         # optimisation
         self.optimizer = create_optimizer_v2(self.model, **dict(cfg["optim"]))
@@ -142,6 +154,7 @@ class Trainer(ABC):
                 self.model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
 
         self.progress = Progress()
+        self.health = TrainingHealth(self._likely_culprits())
         self.precise_bn = PreciseBN(self.bn_dataset, int(self.tcfg.get("precise_bn_batches") or 0), batch, seed, env,
                                     workers=self.workers, channels_last=self.channels_last)
         self.logger: Optional[RunLogger] = None
@@ -212,7 +225,7 @@ class Trainer(ABC):
         """What the model is (architecture, classes, architecture kwargs, task): what a resumed run must share
         with this one, and all that ``rebuild.model_from_checkpoint`` needs to build the same modules."""
         return dict(arch=self.cfg["model"]["name"], num_classes=self.num_classes,
-                    model_kwargs=dict(self.cfg["model"].get("kwargs") or {}), task=self.task)
+                    model_kwargs=dict(self.model_kwargs), task=self.task)
 
     def extra_state(self) -> Dict[str, Any]:
         """Extra checkpoint entries that tools read back (class names, data config)."""
@@ -225,7 +238,22 @@ class Trainer(ABC):
     def bn_dataset(self) -> Dataset:
         """task: the images precise BN recomputes the statistics from (a deterministic view of the train set)."""
 
+    def chance_score(self) -> Optional[float]:
+        """The validation score of a model that learnt nothing (e.g. always the most frequent class), for the
+        "stalls at chance" warning; None: the task has none."""
+        return None
+
     # ------------------------------------------------------------------ setup helpers
+    def _likely_culprits(self) -> str:
+        """The settings a diverging or stalled run most often needs changed, with this run's values."""
+        cfg = self.cfg
+        parts = [f"optim.lr={cfg['optim'].get('lr')}", f"sched.warmup_epochs={cfg['sched'].get('warmup_epochs')}",
+                 f"train.clip_grad={self.tcfg.get('clip_grad')}"]
+        if self.equilibria:
+            jac = (cfg.get("schedule") or {}).get("jac") or {}
+            parts.append(f"the Jacobian penalty (schedule.jac.weight={jac.get('weight')}, freq={jac.get('freq')})")
+        return ", ".join(parts)
+
     def _data_setup(self) -> Dict[str, int]:
         """What fixes the order of batches and the schedule's length; a mid-epoch resume needs the same."""
         return dict(batch_size=self.train_loader.batch_size, world_size=self.env.world_size,
@@ -286,6 +314,9 @@ class Trainer(ABC):
                         self._save_and_stop()
             if final_eval is None or final_eval_step != p.step:  # evaluate the final weights if not just done
                 final_eval = self._validate()
+                if self.env.is_main:
+                    self.health.validated(self.score(final_eval), self.chance_score(), None, self._past_warmup(),
+                                          p.epoch, final=True)
             metrics = self._final_metrics(final_eval)
             if self.env.is_main:
                 self.save("last.pth")
@@ -327,6 +358,8 @@ class Trainer(ABC):
             p.samples_seen += n
             p.epoch_loss_sum += loss_value
             p.epoch_steps += 1
+            if p.step == 1:
+                self.health.begin(loss_value)
             diverged = window.add(loss_value, n, stats)
             if diverged and env.is_main:
                 warn_diverged(diverged, int(stats.diverged.numel()), "training")
@@ -380,9 +413,10 @@ class Trainer(ABC):
             with sync:
                 with autocast_context(env.device, self.amp_dtype):
                     loss = self.criterion(self.ddp_model(images), targets)
-                    stats = self.model.deq_stats
-                    loss = with_corrections(loss, stats, self.criterion, targets,
-                                            float(self.model.deq.options["correction_gamma"]))
+                    stats = self.equilibria.stats()
+                    if stats is not None and stats.aux_outputs:
+                        loss = with_corrections(loss, stats, self.criterion, targets,
+                                                float(self.equilibria.options["correction_gamma"]))
                 loss = with_regularizers(loss, stats, plan)
                 scaled = loss / self.accum
                 if self.scaler is not None:
@@ -427,10 +461,13 @@ class Trainer(ABC):
         """Log the window's means (the loss averaged over the ranks); returns that loss."""
         loss, n = all_reduce_sum([w.loss, w.n], self.env)
         loss = loss / max(n, 1)
-        scalars = {"train/loss": loss, "train/lr": self._lr(), "train/samples_per_s": w.samples / w.seconds(),
-                   "train/phase": 0.0 if plan.phase == PRETRAIN else 1.0, **w.deq_scalars(),
-                   "deq/jac_weight": plan.jac_weight}
+        scalars = {"train/loss": loss, "train/lr": self._lr(), "train/samples_per_s": w.samples / w.seconds()}
+        if self.equilibria:
+            scalars.update({"train/phase": 0.0 if plan.phase == PRETRAIN else 1.0, **w.deq_scalars(),
+                            "deq/jac_weight": plan.jac_weight})
         self.logger.scalars(scalars, self.progress.step)
+        if self.env.is_main:
+            self.health.loss(loss, self.progress.step)
         return loss
 
     def _prepare_eval(self, model: nn.Module) -> None:
@@ -453,6 +490,11 @@ class Trainer(ABC):
             res.ema = ema_res
         return res
 
+    def _past_warmup(self) -> bool:
+        """Whether the run is past unrolled pre-training and the learning-rate warmup."""
+        warmup = float(self.cfg["sched"].get("warmup_epochs") or 0)
+        return self.progress.step > self.schedule.pretrain_steps and self.progress.epoch + 1 > warmup
+
     def _end_epoch(self, val: Optional[Any]) -> None:
         p = self.progress
         loss_sum, loss_n = all_reduce_sum([p.epoch_loss_sum, p.epoch_steps], self.env)
@@ -465,6 +507,9 @@ class Trainer(ABC):
         improved = False
         if val is not None:
             score = self.score(ema if ema is not None else val)
+            if self.env.is_main:
+                self.health.validated(score, self.chance_score(), row["train_loss"], self._past_warmup(),
+                                      p.epoch, final=p.epoch + 1 >= self.epochs)
             improved = score > p.best_score
             if improved:
                 p.best_score, p.best_epoch = score, p.epoch
@@ -484,9 +529,10 @@ class Trainer(ABC):
         m: Dict[str, Any] = dict(self.final_metrics(val))
         m[f"best_{self.score_name}"] = max(p.best_score, self.score(val))
         m.update(
-            train_seconds=p.train_seconds, epochs=p.epoch, steps=p.step,
-            phase=self.schedule.phase(max(p.step - 1, 0)), eval_solver=dict(self.model.deq.options),
-            model=self.cfg["model"]["name"], recipe=self.cfg.get("recipe"), num_classes=self.num_classes,
+            warnings=list(self.health.warnings), train_seconds=p.train_seconds, epochs=p.epoch, steps=p.step,
+            phase=self.schedule.phase(max(p.step - 1, 0)), eval_solver=self.equilibria.options,
+            has_mdeq=bool(self.equilibria), model=self.cfg["model"]["name"],
+            parameters=sum(q.numel() for q in self.model.parameters()), recipe=self.cfg.get("recipe"), num_classes=self.num_classes,
             world_size=self.env.world_size,
             samples_per_s=p.samples_seen / p.train_seconds if p.train_seconds > 0 else None,
         )
@@ -498,12 +544,15 @@ class Trainer(ABC):
 
     def _log_summary(self) -> None:
         n_params = sum(q.numel() for q in self.model.parameters())
-        _log.info("model %s: %.2fM parameters, %d classes; %d train / %d val images; %d steps/epoch x %d epochs; "
-                  "output %s", self.cfg["model"]["name"], n_params / 1e6, self.num_classes, len(self.train_set),
-                  len(self.val_set), self.updates_per_epoch, self.epochs, self.output_dir)
+        kind = (f"MDEQ at {', '.join(p or '<model>' for p in self.equilibria.paths)}" if self.equilibria
+                else "explicit network, no MDEQ")
+        _log.info("model %s (%s): %.2fM parameters, %d classes; %d train / %d val images; %d steps/epoch x %d "
+                  "epochs; output %s", self.cfg["model"]["name"], kind, n_params / 1e6, self.num_classes,
+                  len(self.train_set), len(self.val_set), self.updates_per_epoch, self.epochs, self.output_dir)
 
     def _report(self, m: Mapping[str, Any]) -> None:
-        lines = [f"final ({m['phase']} mode, {m['epochs']} epochs, {m['steps']} steps, "
+        mode = "an explicit network" if m["phase"] == EXPLICIT else f"{m['phase']} mode"
+        lines = [f"final ({mode}, {m['epochs']} epochs, {m['steps']} steps, "
                  f"{m['train_seconds']:.0f} s training):"]
         lines += [f"  {line}" for line in self.report_lines(m)]
         lines += [

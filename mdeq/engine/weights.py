@@ -2,6 +2,7 @@
 package, or a released official MDEQ checkpoint (converted on the fly)."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Dict, List, Mapping, Sequence, Tuple, Union
 
@@ -70,13 +71,35 @@ def load_backbone_weights(model: nn.Module, state_dict: Mapping[str, torch.Tenso
 
 
 def freeze_groups(model: nn.Module, groups: Sequence[str]) -> None:
-    """Freeze the named ``FREEZE_GROUPS`` of ``model`` (timm.utils.freeze: no gradients, BatchNorm frozen)."""
+    """Freeze the named ``FREEZE_GROUPS`` of ``model`` (timm.utils.freeze: no gradients, BatchNorm frozen).
+
+    For a model without an MDEQ, ``stem`` is what timm's ``group_matcher`` calls the stem (``conv1``, ``bn1`` of a
+    ResNet) and ``cell`` is refused: an explicit network has no equilibrium cell.
+    """
     groups = list(groups or [])
     unknown = sorted(set(groups) - set(FREEZE_GROUPS))
     if unknown:
         raise ValueError(f"model.freeze accepts {sorted(FREEZE_GROUPS)}, got {unknown}")
-    modules = [m for g in groups for m in FREEZE_GROUPS[g] if getattr(model, m, None) is not None]
+    if not groups:
+        return
+    if getattr(model, "fullstage", None) is not None or not hasattr(model, "group_matcher"):
+        modules = [m for g in groups for m in FREEZE_GROUPS[g] if getattr(model, m, None) is not None]
+    else:
+        if "cell" in groups:
+            raise ValueError(f"model.freeze=[cell] freezes an MDEQ's equilibrium cell; {type(model).__name__} is an "
+                             "explicit network without one (model.freeze=[stem] freezes its stem)")
+        modules = _stem_modules(model)
     if modules:
         from timm.utils import freeze
 
         freeze(model, modules)
+
+
+def _stem_modules(model: nn.Module) -> List[str]:
+    """The modules holding the parameters that timm's ``group_matcher()['stem']`` pattern names."""
+    pattern = model.group_matcher().get("stem")
+    if not pattern:
+        raise ValueError(f"model.freeze=[stem]: {type(model).__name__} names no stem (timm's group_matcher)")
+    patterns = pattern if isinstance(pattern, (list, tuple)) else [pattern]
+    names = [n for n, _ in model.named_parameters() if any(re.match(p, n) for p in patterns)]
+    return sorted({n.rsplit(".", 1)[0] for n in names if "." in n})

@@ -22,7 +22,7 @@ from torch import nn
 
 from mdeq.core import DEQ, SolverStats
 
-__all__ = ["find_mdeqs", "configure_deq", "deq_stats"]
+__all__ = ["find_mdeqs", "configure_deq", "deq_stats", "set_jac_probes"]
 
 
 def _owned_deq(module: nn.Module) -> Optional[DEQ]:
@@ -72,3 +72,13 @@ def deq_stats(module: nn.Module) -> Dict[str, Optional[SolverStats]]:
     keyed by the stage's path; a stage not run yet maps to None. Always a dict, also for one MDEQ
     (``stats, = mdeq.deq_stats(unet).values()``). ValueError when there is no MDEQ."""
     return {name: getattr(stage, "stats", None) for name, stage in _require_mdeqs(module).items()}
+
+
+def set_jac_probes(module: nn.Module, probes: int) -> None:
+    """Hutchinson probes of the Jacobian penalty in the training forwards of every MDEQ in ``module`` (0 = off; the
+    penalty lands in each stage's ``stats.jac_loss``). ValueError when there is no MDEQ or ``probes`` is not an
+    integer >= 0."""
+    if isinstance(probes, bool) or not isinstance(probes, int) or probes < 0:
+        raise ValueError(f"jac_probes must be an integer >= 0, got {probes!r}")
+    for stage in _require_mdeqs(module).values():
+        stage.jac_probes = probes

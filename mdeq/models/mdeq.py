@@ -69,6 +69,7 @@ class MDEQStage(MDEQCell):
                        "predictor, student=True for the C-DEQ student (tools/distill.py trains it)",
                        **cfg.deq_settings())
         self.jac_probes = 0
+        self.num_layers = cfg.num_layers  # the original's unrolled depth (NUM_LAYERS: pre-training's solver='unroll')
         self.stats: Optional[SolverStats] = None
         self.compile_options: Optional[Dict[str, Any]] = None  # set by compile_cell; None: the eager cell
         self._compiled_cell = None

@@ -91,9 +91,11 @@ def test_unit_verify_and_typical_size(digits_small, tmp_path):
 def test_training_logs_its_input_size_and_warns_far_from_the_data(digits_small, tmp_path):
     from mdeq.engine.classification_trainer import report_input_size
     from mdeq.data.classification import ImageFolderDataset
+    from mdeq.data.inspect import typical_image_size
     import logging
 
-    train = ImageFolderDataset(digits_small / "train")
+    train = typical_image_size(ImageFolderDataset(digits_small / "train"))
+    assert train == 32
     records = []
 
     class Keep(logging.Handler):
@@ -114,7 +116,7 @@ def test_training_logs_its_input_size_and_warns_far_from_the_data(digits_small, 
     infos = [r.getMessage() for r in records if r.levelno == logging.INFO]
     warns = [r.getMessage() for r in records if r.levelno == logging.WARNING]
     assert infos[0].startswith("input size 16x16") and "32 px" in infos[0]
-    assert len(warns) == 1 and "training at 224x224" in warns[0] and "data.overrides.input_size=32" in warns[0]
+    assert len(warns) == 1 and "training at 224x224" in warns[0] and "data.overrides.input_size=auto (or 32)" in warns[0]
 
 
 # ---------------------------------------------------------------------------------------------- stop signals

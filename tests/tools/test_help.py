@@ -81,7 +81,7 @@ def stub_trainers(monkeypatch):
     started = []
 
     class Trainer:
-        def __init__(self, config, env, out):
+        def __init__(self, config, env, out, overrides=()):
             started.append(config)
 
         def fit(self):

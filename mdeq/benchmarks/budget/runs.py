@@ -3,7 +3,6 @@ plain), its wall time and peak memory, and the reuse of runs that finished with 
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import shutil
 import subprocess
@@ -15,30 +14,12 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 from ...engine.app import CONFIG_MODULE, register_configs
-from ..processes import package_env, rss_mb
+from ..processes import launch, package_env
 from .methods import METHODS, count_images, distill_command, split_overrides, train_command
 
 __all__ = ["RECORD", "train_methods", "memory_rows", "read_json", "recipe_changed"]
 
 RECORD = "budget_train.json"
-
-
-def _launch(cmd: List[str], log: Path, threads: int) -> Dict:
-    """Run ``cmd`` to the end; its wall time and the peak RSS of that child (``os.wait4``), in MB.
-
-    Linux carries the forked copy's high-water mark over the exec into ``ru_maxrss``, so the peak is at least
-    this process's RSS at the launch (``parent_rss_mb``, recorded too); a training's own peak is far above it.
-    """
-    env = package_env(threads)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    parent_rss = rss_mb()
-    t0 = time.perf_counter()
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: tell Popen
-    return dict(returncode=proc.returncode, wall_s=round(time.perf_counter() - t0, 1),
-                peak_mb=round(usage.ru_maxrss / 1024, 1), parent_rss_mb=round(parent_rss, 1))  # ru_maxrss: KiB
 
 
 def recipe_changed(cmd: List[str], run_dir: Path) -> bool:
@@ -111,7 +92,7 @@ def train_methods(methods: Sequence[str], runs_dir: Path, epochs: Optional[int] 
             shutil.rmtree(run_dir)  # a half-finished or outdated run: start over
         with lock:
             progress(f"[budget] {name}: started  {info[name]['command']}")
-        res = _launch(commands[name], Path(info[name]["log"]), threads)
+        res = launch(commands[name], Path(info[name]["log"]), threads)
         res.update(command=info[name]["command"], threads=threads, finished=time.strftime("%Y-%m-%d %H:%M:%S"))
         if res["returncode"] == 0:
             run_dir.mkdir(parents=True, exist_ok=True)

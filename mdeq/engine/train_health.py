@@ -1,0 +1,75 @@
+"""Telling the user, once, that a training run is going wrong: its loss grows far above where it started, or its
+validation score stays at chance level once the model is past its warm-up (pre-training, warmup): two validations
+in a row, or the last one.
+
+A run with ``optim.lr=1e4`` used to end "successfully" at chance with a loss 100x its start and no word. The
+checks here are cheap (a few floats per log point and per validation), never stop the run, warn in the log once each
+and land in ``metrics.json`` (``warnings``), naming the settings that usually cause them.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import List, Optional
+
+__all__ = ["TrainingHealth", "LOSS_GROWTH", "CHANCE_MARGIN"]
+
+_log = logging.getLogger("mdeq.train")
+
+LOSS_GROWTH = 4.0     # a window's mean loss above this multiple of the first window's (and 1 above it) is "growing"
+CHANCE_MARGIN = 0.02  # a validation accuracy within 2 points of always predicting the most frequent class is chance
+
+
+class TrainingHealth:
+    """Watches the training loss (``begin``: the first step's, the reference; ``loss``: each log window's mean) and
+    the validation score (``validated``: after each validation); ``warnings`` lists what it warned about.
+    ``settings`` names the run's likely culprits (the learning rate, warmup, the Jacobian penalty) in the messages.
+    A resumed run takes its first step after resuming as the reference."""
+
+    def __init__(self, settings: str):
+        self.settings = settings
+        self.start: Optional[float] = None
+        self.warnings: List[str] = []
+        self._said: set = set()
+        self._at_chance = 0
+
+    def _warn(self, kind: str, message: str) -> None:
+        if kind in self._said:
+            return
+        self._said.add(kind)
+        self.warnings.append(message)
+        _log.warning("%s (warned once)", message)
+
+    def begin(self, value: float) -> None:
+        """The loss of the run's first step (before any update moved the weights): the reference."""
+        if self.start is None and math.isfinite(value):
+            self.start = value
+
+    def loss(self, value: float, step: int) -> None:
+        """The mean training loss of a log window ending at ``step``."""
+        if self.start is None or not math.isfinite(value):
+            return
+        if value > LOSS_GROWTH * self.start and value > self.start + 1.0:
+            self._warn("loss", f"the training loss grows: {value:.4g} at step {step}, {value / self.start:.0f}x its "
+                               f"start ({self.start:.4g}); the run is likely diverging. Check {self.settings}")
+
+    def validated(self, accuracy: Optional[float], chance: Optional[float], train_loss: Optional[float],
+                  past_warmup: bool, epoch: int, final: bool = False) -> None:
+        """A validation accuracy (percent) against ``chance`` (percent: always predicting the most frequent class),
+        judged only ``past_warmup`` (after pre-training and the lr warmup): a warning when it is at chance two
+        validations in a row, or in the ``final`` one."""
+        if accuracy is None or chance is None or not past_warmup:
+            return
+        if accuracy > chance + 100.0 * CHANCE_MARGIN:
+            self._at_chance = 0
+            return
+        self._at_chance += 1
+        if self._at_chance < 2 and not final:
+            return
+        low_loss = train_loss is not None and self.start is not None and train_loss < 0.5 * self.start
+        why = (f"while the training loss fell to {train_loss:.3g} (from {self.start:.3g}): the model fits its "
+               "training batches but not the validation images, which points at BatchNorm statistics that lag "
+               "(train.precise_bn_batches=20), train/val preprocessing that differ, or overfitting"
+               if low_loss else f"and the training loss is not falling; check {self.settings}")
+        self._warn("chance", f"validation top-1 {accuracy:.2f}% after epoch {epoch} is chance level ({chance:.2f}%: "
+                             f"always the most frequent class) {why}")
