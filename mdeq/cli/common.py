@@ -20,7 +20,7 @@ from mdeq.engine.app import register_configs  # noqa: E402
 from mdeq.engine.checkpoint import CheckpointWriteError  # noqa: E402
 from mdeq.engine.distributed import DistEnv, broadcast_object, init_distributed, shutdown_distributed  # noqa: E402
 from mdeq.engine.legacy import check_overrides  # noqa: E402
-from mdeq.engine.model_config import check_kwargs_overrides  # noqa: E402
+from mdeq.engine.model_config import check_kwargs_overrides, without_needless_plus  # noqa: E402
 from mdeq.engine.weight_files import WeightsFileError  # noqa: E402
 
 __all__ = ["hydra_tool", "exit_code_main", "reported_errors", "add_job_flags", "run_distributed", "output_folder",
@@ -42,6 +42,7 @@ def hydra_tool(config_name: str, job: Callable[[Any], Any]) -> Callable[[], None
 
     def main() -> None:
         check_overrides(sys.argv[1:])
+        sys.argv[1:] = without_needless_plus(sys.argv[1:])  # +model.kwargs.dropout=... as before model_base
         problems = check_kwargs_overrides(sys.argv[1:])
         if problems:
             raise SystemExit("; ".join(problems))

@@ -27,6 +27,7 @@ from mdeq.core import INITS
 from mdeq.engine.model_source import load_model_for_eval, load_segmentation_model_for_eval
 from mdeq.export import (EXPORTABLE_SOLVERS, FORMATS, budget_reference, export_format, fixed_budget, run_exported,
                          save_exported)
+from mdeq.models.control import find_mdeqs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +62,9 @@ def run(argv=None) -> dict:
     load = load_segmentation_model_for_eval if args.segmentation else load_model_for_eval
     loaded = load(args.source, args.model, args.num_classes, args.ema)
     model = loaded.model.cpu().eval()
+    if not find_mdeqs(model):
+        parser.error(f"{loaded.description} ({loaded.arch}) holds no MDEQ: the fixed-budget export unrolls an MDEQ's "
+                     "solver; export an explicit network with torch.onnx.export or torch.export directly")
     changes = {k: v for k, v in dict(solver=args.solver, init=args.init).items() if v is not None}
     try:
         if changes:

@@ -134,12 +134,16 @@ def main(argv=None) -> int:
     import mdeq  # noqa: F401
     from mdeq.cli.common import reported_errors
     from mdeq.engine.checkpoint import load_checkpoint
+    from mdeq.engine.model_config import is_mdeq_name
     from mdeq.engine.rebuild import model_from_checkpoint, require_training_checkpoint
 
     with reported_errors():  # not a training checkpoint: the file, what it is and what is accepted
         ckpt = load_checkpoint(args.checkpoint)
         require_training_checkpoint(ckpt, str(args.checkpoint))
     ident, cfg = ckpt["identity"], ckpt["config"]
+    if not is_mdeq_name(ident["arch"]):
+        p.error(f"the checkpoint holds {ident['arch']}, which is not an MDEQ preset: the zoo's catalog and model cards "
+                "are for MDEQ weights (timm.models.push_to_hf_hub publishes any timm model)")
     arch = args.name.split(".", 1)[0]
     if arch != ident["arch"]:
         p.error(f"--name {args.name} names {arch} but the checkpoint holds {ident['arch']}")

@@ -41,8 +41,8 @@ def register_configs() -> None:
     """What the Hydra tools need besides ``mdeq/configs/``: the ``deq/base`` group entry (every
     ``mdeq.core.DEQ`` option, null = the model's own setting; the values live in the core's declarations), the
     ``model_base`` config that every model file starts from (every ``MDEQConfig`` architecture field under
-    ``kwargs``, null = the preset's own, so ``model.kwargs.<field>=...`` needs no ``+``; not a group option), the ``schedule/base`` entry (the training schedule's defaults, from
-    ``deq_schedule``), and the
+    ``kwargs``, null = the preset's own, so ``model.kwargs.<field>=...`` needs no ``+``; not a group option), the
+    ``schedule/base`` entry (the training schedule's defaults, from ``deq_schedule``), and the
     ``${mdeq_run_stamp:}`` resolver (a timestamp shared by all ranks of a torchrun job: one run folder)."""
     if not OmegaConf.has_resolver("mdeq_run_stamp"):
         OmegaConf.register_new_resolver("mdeq_run_stamp", lambda: shared_run_stamp())

@@ -18,14 +18,16 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 
-from ..data.auto import DataChoices, resolve_data_choices
+from ..data.auto import DataChoices, resolve_data_choices, wants_flip_check
 from ..data.classification import build_transform, resolve_data_cfg
 from ..data.factory import build_classification_datasets
+from ..data.flip_check import flip_retention
 from ..data.inspect import typical_image_size
 from .evaluate import EvalResult, evaluate_classifier
 from .model_config import architecture_kwargs
 from .training_loop import Trainer
-from .weights import freeze_groups, load_backbone_weights, read_state_dict
+from .weight_files import read_weights_file
+from .weights import freeze_groups, load_backbone_weights, state_dict_from
 
 __all__ = ["ClassificationTrainer", "build_model"]
 
@@ -41,7 +43,8 @@ def build_model(model_cfg: Mapping[str, Any], num_classes: int, deq_cfg: Optiona
     the ``kwargs`` are ``MDEQConfig`` fields (``skip_init=true`` adds the Skip DEQ predictor, also built when
     ``deq_cfg`` starts from it: ``model_config.architecture_kwargs``, unless ``kwargs`` gives them resolved);
     another model takes its own keywords. Weights of a model without the add-ons (``addon_prefixes``) load with the
-    add-ons left at their init.
+    add-ons left at their init. Weights from a training checkpoint bring the input size they were trained at into
+    the model's ``pretrained_cfg`` (which describes the weights a timm model holds).
     """
     name = model_cfg["name"]
     kwargs = dict(architecture_kwargs(model_cfg, deq_cfg or {}) if kwargs is None else kwargs)
@@ -57,10 +60,15 @@ def build_model(model_cfg: Mapping[str, Any], num_classes: int, deq_cfg: Optiona
     weights = model_cfg.get("weights")
     if weights:
         head = getattr(model, "pretrained_cfg", {}).get("classifier") or "classifier"
-        fresh, _ = load_backbone_weights(model, read_state_dict(weights, prefer_ema=bool(model_cfg.get("ema_weights"))),
-                                         head_names=tuple(head) if isinstance(head, (list, tuple)) else (head,))
+        content = read_weights_file(weights)
+        sd = state_dict_from(content, weights, prefer_ema=bool(model_cfg.get("ema_weights")))
+        heads = tuple(head) if isinstance(head, (list, tuple)) else (head,)
+        fresh, _ = load_backbone_weights(model, sd, head_names=heads)
         if fresh:
             _log.info("loaded %s; new head (%d classes): %s", weights, num_classes, fresh)
+        trained_at = (content.get("data_cfg") or {}).get("input_size") if isinstance(content, Mapping) else None
+        if trained_at:
+            model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), "input_size": tuple(trained_at)}
     freeze_groups(model, model_cfg.get("freeze") or [])
     return model
 
@@ -79,7 +87,10 @@ class ClassificationTrainer(Trainer):
 
     def setup_transforms(self) -> None:
         image_side = typical_image_size(self.train_set)
-        self.data_choices = data_choices_for(self.cfg["data"], self.model, image_side)
+        flips = flip_retention(self.train_set) if wants_flip_check(self.cfg["data"]) else None
+        model_cfg = self.cfg["model"]
+        starts = bool(model_cfg.get("pretrained") or model_cfg.get("weights"))
+        self.data_choices = data_choices_for(self.cfg["data"], self.model, image_side, flips, starts)
         self.data_cfg = resolve_data_cfg(self.model, self.data_choices.overrides)
         if self.env.is_main:
             for reason in self.data_choices.reasons:
@@ -177,13 +188,19 @@ class ClassificationTrainer(Trainer):
                         f"{m['deq_rel_residual_mean']:.3g}"]
 
 
-def data_choices_for(data_cfg: Mapping[str, Any], model: nn.Module, image_side: Optional[int]) -> DataChoices:
+def data_choices_for(data_cfg: Mapping[str, Any], model: nn.Module, image_side: Optional[int],
+                     flips: Optional[float] = None, from_weights: bool = False) -> DataChoices:
     """The run's data choices (``mdeq.data.auto``) for ``model``: its pretrained cfg's input size, whether that size
-    is fixed (a ViT), and the multiple an MDEQ's input must be (``size_divisor``)."""
+    is fixed (a ViT), and for an MDEQ the multiple its input must be (``size_divisor``) and the input pixels per
+    pixel of its finest branch (2^``downsample_times``); ``flips``: the data's ``flip_retention``;
+    ``from_weights``: the model holds starting weights, trained at its cfg's size."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     cfg_side = int(min((cfg.get("input_size") or (3, 224, 224))[-2:]))
-    divisor = int(getattr(getattr(model, "cfg", None), "size_divisor", 1) or 1)
-    return resolve_data_choices(data_cfg, cfg_side, image_side, divisor, bool(cfg.get("fixed_input_size")))
+    arch = getattr(model, "cfg", None)
+    divisor = int(getattr(arch, "size_divisor", 1) or 1)
+    stride = 2 ** int(arch.downsample_times) if hasattr(arch, "downsample_times") else None
+    return resolve_data_choices(data_cfg, cfg_side, image_side, divisor, bool(cfg.get("fixed_input_size")), stride,
+                                flips, from_weights)
 
 
 def report_input_size(data_cfg: Mapping[str, Any], native: Optional[int], model_name: str) -> None:

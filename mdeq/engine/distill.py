@@ -29,6 +29,7 @@ from ..data.loaders import build_eval_loader, build_train_loader
 from .checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_atomic
 from .distributed import DistEnv
 from .evaluate import evaluate_classifier
+from .model_config import is_mdeq_name
 from .preemption import StopSignals
 from .rebuild import model_from_checkpoint, require_training_checkpoint
 from .run_logger import write_json_atomic
@@ -56,6 +57,9 @@ def distill_classifier(checkpoint: str, output_dir: Path, env: DistEnv, data_roo
     require_training_checkpoint(ckpt, str(checkpoint))  # else: what the file is, and what is accepted
     if ckpt["identity"].get("task", "classification") != "classification":
         raise ValueError(f"{checkpoint} is not a classification training checkpoint of this package")
+    if not is_mdeq_name(ckpt["identity"]["arch"]):
+        raise ValueError(f"{checkpoint} holds {ckpt['identity']['arch']}, an explicit network: consistency "
+                         "distillation trains a C-DEQ student of an MDEQ teacher (an mdeq_* checkpoint)")
     cfg = ckpt["config"]
     torch.manual_seed(seed)
     # the teacher with a student added (the teacher's weights loaded, the student at its init) in the teacher's

@@ -3,9 +3,10 @@ what the run's DEQ settings need built.
 
 For an MDEQ (``model.name=mdeq_*``) the keywords are ``MDEQConfig`` fields; ``model_base``, the config every model
 file starts from (registered by the tools), lists every one of them as null (the preset's own), so
-``model.kwargs.skip_init=true`` needs no Hydra ``+``. A null keyword is not passed. Any other timm model takes its own keywords
-(``+model.kwargs.drop_path_rate=0.1``). A run whose DEQ settings start from the Skip DEQ predictor (``deq=fast``:
-``deq.init=skip``) gets the predictor built unless ``model.kwargs.skip_init`` says otherwise.
+``model.kwargs.skip_init=true`` needs no Hydra ``+`` (the ``+`` that it needed before is dropped, so old command
+lines still work: ``without_needless_plus``). A null keyword is not passed. Any other timm model takes its own
+keywords (``+model.kwargs.drop_path_rate=0.1``). A run whose DEQ settings start from the Skip DEQ predictor
+(``deq=fast``: ``deq.init=skip``) gets the predictor built unless ``model.kwargs.skip_init`` says otherwise.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Sequence
 from ..models.config import CLS_PRESETS, SEG_PRESETS, config_field_names
 
 __all__ = ["MDEQ_KWARGS", "kwargs_base", "set_kwargs", "is_mdeq_name", "check_mdeq_kwargs", "architecture_kwargs",
-           "check_kwargs_overrides"]
+           "check_kwargs_overrides", "without_needless_plus"]
 
 _log = logging.getLogger("mdeq.train")
 
@@ -104,3 +105,16 @@ def check_kwargs_overrides(overrides: Iterable[str]) -> List[str]:
             problems.append(_unknown_message([field], "an MDEQ") + f"; a keyword of another timm model (model.name="
                             f"resnet18, ...) is added with Hydra's +: +model.kwargs.{field}=...")
     return problems
+
+
+def without_needless_plus(overrides: Sequence[str]) -> List[str]:
+    """The command line with Hydra's ``+`` dropped from ``+model.kwargs.<MDEQ field>=...`` (the spelling these keys
+    needed before ``model_base`` listed them; Hydra now refuses to add a key that is there)."""
+    out = []
+    for o in overrides:
+        key = o.split("=", 1)[0]
+        if key.startswith("+model.kwargs.") and not key.startswith("++") and key.count(".") == 2 and \
+                key.split(".")[2] in MDEQ_KWARGS:
+            o = o[1:]
+        out.append(o)
+    return out

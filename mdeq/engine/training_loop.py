@@ -35,6 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from ..data.auto import choose_batch_size
 from ..data.inspect import verify_datasets
 from ..data.loaders import build_eval_loader, build_train_loader, resolve_workers, steps_per_epoch
 from .amp import amp_dtype, autocast_context
@@ -117,7 +118,9 @@ class Trainer(ABC):
             for stage in self.equilibria.stages.values():
                 stage.compile_cell()
 
-        batch = int(cfg["data"]["batch_size"])
+        batch, why = choose_batch_size(cfg["data"]["batch_size"], len(self.train_set), env.world_size)
+        if why and env.is_main:
+            _log.info("data: %s", why)
         self.workers = resolve_workers(cfg["data"].get("workers"))
         pin = env.device.type == "cuda"
         self.train_loader = build_train_loader(self.train_set, batch, seed, env.world_size, env.rank, self.workers,
@@ -532,8 +535,8 @@ class Trainer(ABC):
             warnings=list(self.health.warnings), train_seconds=p.train_seconds, epochs=p.epoch, steps=p.step,
             phase=self.schedule.phase(max(p.step - 1, 0)), eval_solver=self.equilibria.options,
             has_mdeq=bool(self.equilibria), model=self.cfg["model"]["name"],
-            parameters=sum(q.numel() for q in self.model.parameters()), recipe=self.cfg.get("recipe"), num_classes=self.num_classes,
-            world_size=self.env.world_size,
+            parameters=sum(q.numel() for q in self.model.parameters()), recipe=self.cfg.get("recipe"),
+            num_classes=self.num_classes, world_size=self.env.world_size,
             samples_per_s=p.samples_seen / p.train_seconds if p.train_seconds > 0 else None,
         )
         ema = getattr(val, "ema", None)

@@ -151,15 +151,26 @@ def test_model_kwargs_take_no_plus_and_unknown_keys_are_named(digits_small, tmp_
     assert proc.returncode != 0 and "did you mean skip_init?" in proc.stderr and "not in struct" not in proc.stderr
     with pytest.raises(ValueError, match="model.kwargs drop_path_rate: not an MDEQConfig field"):
         train_in_process(fast_overrides(digits_small, "+model.kwargs.drop_path_rate=0.1"), tmp_path / "a")
+    from mdeq.engine.classification_trainer import ClassificationTrainer
+    from mdeq.engine.distributed import DistEnv
+
+    given = ["model.name=resnet18", "model.kwargs.num_layers=4"]  # an MDEQ field given for an explicit network
+    cfg = compose_config(explicit_overrides(digits_small, *given, f"output_dir={tmp_path / 'b'}"))
     with pytest.raises(ValueError, match=r"does not take model.kwargs \['num_layers'\]"):
-        train_in_process(explicit_overrides(digits_small, "model.name=resnet18", "model.kwargs.num_layers=4"),
-                         tmp_path / "b")
+        ClassificationTrainer(cfg, DistEnv(), tmp_path / "b", overrides=given)
+    # the MDEQ default of the config (model.kwargs.dropout=0.0) is not passed to it
+    assert ClassificationTrainer(cfg, DistEnv(), tmp_path / "b", overrides=given[:1]).model_kwargs == {}
+    # the old spelling with + still works on the command line
+    from mdeq.engine.model_config import without_needless_plus
+
+    assert without_needless_plus(["+model.kwargs.dropout=0.1", "+model.kwargs.drop_path_rate=0.1", "++x=1"]) == [
+        "model.kwargs.dropout=0.1", "+model.kwargs.drop_path_rate=0.1", "++x=1"]
 
 
 def test_deq_fast_builds_the_predictor_it_needs(digits_small, tmp_path):
     m = train_in_process(fast_overrides(digits_small, "deq=fast", "train.max_steps=8"), tmp_path)
     ck = load_checkpoint(tmp_path / "checkpoints" / "last.pth")
-    assert ck["identity"]["model_kwargs"] == {"skip_init": True}
+    assert ck["identity"]["model_kwargs"] == {"skip_init": True, "dropout": 0.0}  # + the own-data default
     assert any(k.startswith("fullstage.initializer.") for k in ck["model"])
     assert m["eval_solver"]["init"] == "skip" and m["eval_solver"]["backward"] == "one_step"
     with pytest.raises(ValueError, match="init='skip' needs predictor.*skip_init=True"):
@@ -185,3 +196,49 @@ def test_a_run_that_goes_wrong_says_so(digits_small, resnet_run, tmp_path):
     assert json.loads((tmp_path / "metrics.json").read_text())["warnings"] == m["warnings"]
     run_dir, _ = resnet_run  # a run that learns: no warning
     assert json.loads((run_dir / "metrics.json").read_text())["warnings"] == []
+
+
+def test_a_local_dir_model_trains_from_its_weights_with_a_new_head(digits_small, tmp_path):
+    from timm.models import save_for_hf
+
+    folder = tmp_path / "byob"
+    save_for_hf(timm.create_model("test_byobnet", num_classes=7), str(folder), safe_serialization=True)
+    local = timm.create_model(f"local-dir:{folder}", pretrained=True, num_classes=10)
+    start = local.state_dict()
+    m = train_in_process(explicit_overrides(digits_small, f"model.name=local-dir:{folder}", "model.pretrained=true",
+                                            "train.max_steps=1", "train.epochs=1", "optim.lr=1e-9"), tmp_path / "run")
+    assert m["has_mdeq"] is False and m["num_classes"] == 10
+    assert m["parameters"] == sum(q.numel() for q in local.parameters())
+    ck = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pth")
+    assert ck["identity"]["arch"] == f"local-dir:{folder}" and ck["model"]["head.fc.weight"].shape == (10, 256)
+    w = "stem.conv.weight"
+    assert torch.allclose(ck["model"][w], start[w], atol=1e-6)  # the folder's weights (lr ~0: one step moves nothing)
+
+
+def test_the_mdeq_only_tools_say_so_for_an_explicit_checkpoint(resnet_run, tmp_path):
+    run_dir, _ = resnet_run
+    ckpt = str(run_dir / "checkpoints" / "last.pth")
+    for tool, args, message in (
+            ("export.py", [ckpt, "--budget", "2", "--output", str(tmp_path / "m.onnx")], "holds no MDEQ"),
+            ("publish_weights.py", [ckpt, "--name", "resnet18.mine", "--url", "https://example.org/w.safetensors"],
+             "not an MDEQ preset"),
+            ("distill.py", [ckpt, "--output", str(tmp_path / "d")], "an explicit network")):
+        proc = run_tool(tool, args, cwd=tmp_path, check=False)
+        assert proc.returncode != 0 and message in proc.stderr, (tool, proc.stderr[-2000:])
+        assert "Traceback" not in proc.stderr or tool == "distill.py", tool
+
+
+def test_a_run_from_a_checkpoint_trains_at_the_size_the_checkpoint_was_trained_at(resnet_run, digits_small):
+    from mdeq.data.classification import ImageFolderDataset
+    from mdeq.data.inspect import typical_image_size
+    from mdeq.engine.classification_trainer import build_model, data_choices_for
+
+    run_dir, _ = resnet_run  # trained at 16x16 on 32-px digits
+    model = build_model({"name": "resnet18", "weights": str(run_dir / "checkpoints" / "last.pth")}, num_classes=2)
+    assert model.pretrained_cfg["input_size"] == (3, 16, 16)
+    data = {"overrides": {"input_size": "auto", "crop_pct": "auto"}, "aug": {"policy": "auto", "hflip": 0.5}}
+    side = typical_image_size(ImageFolderDataset(digits_small / "train"))
+    assert data_choices_for(data, model, side, from_weights=True).overrides["input_size"] == 16
+    assert data_choices_for(data, model, side, from_weights=False).overrides["input_size"] == 16  # its cfg caps it
+    fresh = timm.create_model("resnet18", num_classes=2)
+    assert data_choices_for(data, fresh, side).overrides["input_size"] == 32  # from scratch: the images' size

@@ -165,3 +165,48 @@ def test_budget_benchmark_trains_evaluates_and_reuses_runs(tmp_path, digits_smal
     saved = runs / "plain" / ".hydra" / "config.yaml"
     saved.write_text(saved.read_text().replace("max_iter: 3", "max_iter: 4"))
     assert recipe_changed(cmd, runs / "plain")
+
+
+def test_own_data_benchmark_trains_each_variant_by_the_own_data_command_and_reuses_runs(tmp_path, digits_small,
+                                                                                       monkeypatch):
+    """The own-data comparison on 60 digits written into the data cache by a data set's writer: the defaults, the
+    fast recipe at its budgets and an explicit network, a table per data set, and a second invocation that trains
+    nothing; a hand-tuned recipe's overrides reach its command."""
+    import shutil
+
+    import pytest
+
+    from mdeq.benchmarks import own_data
+    from mdeq.benchmarks.own_data.datasets import DATASETS, OwnDataSet, package_file
+
+    def write(folder):
+        shutil.copytree(digits_small, folder, dirs_exist_ok=True)
+        return "60 digits"
+
+    monkeypatch.setenv("MDEQ_DATA", str(tmp_path / "cache"))
+    monkeypatch.setitem(DATASETS, "tiny", OwnDataSet("tiny", "60 digits", write))
+    monkeypatch.setitem(own_data.TUNED, "tiny", ("optim.lr=2e-3",))
+    tool = _load_tool()
+    args = ["owndata", "--data", "tiny", "--variants", "defaults", "fast", "small_cnn", "--epochs", "1",
+            "--out", str(tmp_path / "out")]
+    assert tool.main(args) == 0
+    assert (tmp_path / "cache" / "owndata-tiny" / ".complete").is_file()
+    result = json.loads((tmp_path / "out" / "owndata.json").read_text())
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert list(rows) == ["defaults", "fast", "small_cnn"]
+    for r in rows.values():
+        assert r["epochs"] == 1 and 0.0 <= r["val_top1"] <= 100.0 and r["train_seconds"] > 0
+        assert "'~experiment' data=imagefolder data.root=" in r["command"]
+    tuned = own_data.train_command(Path("/d"), own_data.VARIANTS["tuned"], "tiny", 3, Path("/r"))
+    assert "optim.lr=2e-3" in tuned and "train.epochs=3" in tuned and "optim.lr" not in rows["defaults"]["command"]
+    assert rows["small_cnn"]["model"] == "test_byobnet" and rows["defaults"]["parameters"] == 158890
+    assert [b["max_iter"] for b in rows["fast"]["budget_top1"]] == [1, 2, 4] and "deq=fast" in rows["fast"]["command"]
+    assert any("input size 16x16" in reason for reason in rows["defaults"]["data_choices"])
+    table = (tmp_path / "out" / "owndata.md").read_text()
+    assert "| model / recipe | parameters | top-1 @ 1 ep | train s @ 1 ep |" in table
+    assert "| mdeq_tiny, fast recipe (deq=fast) | 0.17M |" in table and "@2: " in table  # + the Skip predictor
+    stamp = (tmp_path / "out" / "owndata_runs" / "tiny" / "defaults_e1" / "metrics.json").stat().st_mtime_ns
+    assert tool.main(args) == 0  # finished runs are reused
+    assert (tmp_path / "out" / "owndata_runs" / "tiny" / "defaults_e1" / "metrics.json").stat().st_mtime_ns == stamp
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps not-installed-package"):
+        package_file("not-installed-package", "mdeq_no_such_module", "data/x.csv")

@@ -56,7 +56,8 @@ def test_outputs_metrics_and_report(trained_run):
     assert m["train_seconds"] > 0
     assert f"val top-1 {m['val_top1']:.2f}%" in proc.stdout and "metrics.json" in proc.stdout
     ck = load_checkpoint(run_dir / "checkpoints" / "last.pth")
-    assert ck["identity"] == {"arch": "mdeq_tiny", "num_classes": 10, "model_kwargs": {}, "task": "classification"}
+    assert ck["identity"] == {"arch": "mdeq_tiny", "num_classes": 10, "model_kwargs": {"dropout": 0.0},
+                              "task": "classification"}  # the own-data default
     assert ck["data_setup"] == {"batch_size": 10, "world_size": 1, "grad_accum_steps": 1, "train_images": 60}
     assert ck["progress"]["step"] == 12 and ck["phase"] == "deq"
     assert (run_dir / "checkpoints" / "best.pth").is_file()
