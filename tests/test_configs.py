@@ -11,18 +11,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # experiment: (model, model kwargs, solver, f/b thres, stop mode, pretrain steps, opt, lr, wd, batch, epochs, jac)
 OFFICIAL = {
-    "imagenet_small": ("mdeq_small", {"dropout": 0.0}, "broyden", (26, 27), "abs", 510000, "sgd", 0.05, 5e-5, 32, 100,
-                       None),
+    "imagenet_small": ("mdeq_small", {}, "broyden", (26, 27), "abs", 510000, "sgd", 0.05, 5e-5, 32, 100, None),
     "imagenet_small_jr": ("mdeq_small", {"head_channels": [28, 56, 112, 224], "dropout": 0.02,
                                          "post_gn_affine": False}, "broyden", (14, 14), "abs", 510000, "sgd", 0.04,
                           2e-5, 32, 100, (2.5, 0.08, 50000, 0.03)),
-    "imagenet_large": ("mdeq_large", {"dropout": 0.0}, "broyden", (26, 27), "abs", 510000, "sgd", 0.05, 1e-4, 32, 100,
-                       None),
-    "imagenet_large_jr": ("mdeq_large", {"post_gn_affine": False, "dropout": 0.0}, "broyden", (14, 14), "abs", 510000,
-                          "sgd", 0.05, 1e-4, 32, 100, (3.0, 0.08, 50000, 0.03)),
-    "imagenet_xl": ("mdeq_xl", {"dropout": 0.0}, "broyden", (26, 27), "abs", 400000, "sgd", 0.05, 1e-4, 32, 100, None),
-    "imagenet_xl_jr": ("mdeq_xl", {"post_gn_affine": False, "dropout": 0.0}, "broyden", (14, 14), "abs", 400000, "sgd",
-                       0.05, 1e-4, 32, 100, (3.0, 0.08, 50000, 0.03)),
+    "imagenet_large": ("mdeq_large", {}, "broyden", (26, 27), "abs", 510000, "sgd", 0.05, 1e-4, 32, 100, None),
+    "imagenet_large_jr": ("mdeq_large", {"post_gn_affine": False}, "broyden", (14, 14), "abs", 510000, "sgd", 0.05,
+                          1e-4, 32, 100, (3.0, 0.08, 50000, 0.03)),
+    "imagenet_xl": ("mdeq_xl", {}, "broyden", (26, 27), "abs", 400000, "sgd", 0.05, 1e-4, 32, 100, None),
+    "imagenet_xl_jr": ("mdeq_xl", {"post_gn_affine": False}, "broyden", (14, 14), "abs", 400000, "sgd", 0.05, 1e-4,
+                       32, 100, (3.0, 0.08, 50000, 0.03)),
     "cifar10_tiny": ("mdeq_tiny", {"dropout": 0.25}, "broyden", (18, 20), "rel", 3000, "adam", 1e-3, 2.5e-6, 128, 50,
                      None),
     "cifar10_large": ("mdeq_cifar_large", {"dropout": 0.3}, "broyden", (18, 20), "rel", 20000, "adam", 1e-3, 0.0, 128,
@@ -67,6 +65,9 @@ def test_experiment_reproduces_the_official_recipe(name):
     assert (c.optim.opt, c.optim.lr, c.optim.weight_decay) == (opt, lr, wd)
     assert c.data.batch_size == batch and c.train.epochs == epochs
     assert c.train.precise_bn_batches == 0  # validated with BatchNorm's running averages, as the original
+    if name.startswith("imagenet"):  # the original's crops, whatever size the copy of ImageNet has
+        assert (c.data.overrides.input_size, c.data.overrides.crop_pct, c.data.aug.policy) == (None, None, "rrc")
+        assert (list(c.data.aug.scale), c.data.aug.hflip) == ([0.08, 1.0], 0.5)
     assert (c.sched.sched, c.sched.min_lr, c.sched.warmup_epochs, c.sched.step_on_epochs) == ("cosine", 1e-6, 0, False)
     jacobian = c.schedule.jac
     if jac is None:

@@ -17,11 +17,10 @@ import hydra  # noqa: E402
 
 from mdeq.core import list_solvers  # noqa: E402
 from mdeq.engine.app import register_configs  # noqa: E402
-from mdeq.engine.checkpoint import CheckpointWriteError  # noqa: E402
+from mdeq.engine.checkpoint import CheckpointError, CheckpointWriteError  # noqa: E402
 from mdeq.engine.distributed import DistEnv, broadcast_object, init_distributed, shutdown_distributed  # noqa: E402
 from mdeq.engine.legacy import check_overrides  # noqa: E402
 from mdeq.engine.model_config import check_kwargs_overrides, without_needless_plus  # noqa: E402
-from mdeq.engine.weight_files import WeightsFileError  # noqa: E402
 
 __all__ = ["hydra_tool", "exit_code_main", "reported_errors", "add_job_flags", "run_distributed", "output_folder",
            "add_solver_flags", "solver_changes"]
@@ -66,10 +65,11 @@ def exit_code_main(run: Callable[[Optional[Sequence[str]]], Any]) -> Callable[..
 def reported_errors() -> Iterator[None]:
     """End the program with a short message, not a traceback, for what the user fixes outside the code: a file
     that is not usable weights or a checkpoint (it names the file, says what it is and lists the formats
-    accepted), or a checkpoint that could not be written (full disk, read-only folder: it names both)."""
+    accepted), a checkpoint that does not fit the job (another architecture or task), or one that could not be
+    written (full disk, read-only folder: it names both)."""
     try:
         yield
-    except (WeightsFileError, CheckpointWriteError) as e:
+    except (CheckpointError, CheckpointWriteError) as e:  # WeightsFileError is a CheckpointError
         raise SystemExit(f"error: {e}") from None
 
 

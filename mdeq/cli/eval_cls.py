@@ -1,4 +1,4 @@
-"""Evaluate an MDEQ classifier on an ImageFolder val set: top-1/top-5, solver steps and residual.
+"""Evaluate a classifier (an MDEQ, or any timm model) on an ImageFolder val set: top-1/top-5, solver steps and residual.
 
     python tools/eval_cls.py outputs/train_cls/<run>/checkpoints/best.pth          # digits runs need no --data-root
     python tools/eval_cls.py model.safetensors --model mdeq_small --data-root /data/imagenet

@@ -1,5 +1,6 @@
-"""Data-aware training defaults: the input size, the training crop and the eval crop chosen from the images, for a
-run that leaves them to the data (``auto`` in ``data.overrides`` and ``data.aug``).
+"""Data-aware training defaults: the input size, the training crop, the flip, the eval crop and the batch size chosen
+from the images, for a run that leaves them to the data (``auto`` in ``data.overrides``, ``data.aug`` and
+``data.batch_size``).
 
 A fixed default cannot serve both ImageNet photos and 28-pixel scans: a random-resized crop down to 8% of the area
 (ImageNet's) cuts a 32-pixel digit to a 9-pixel scrap, and training a 32-pixel image at 224 costs 49x for nothing.
@@ -22,16 +23,15 @@ The run measures its images' median shorter side (``inspect.typical_image_size``
   evaluated whole (``crop_pct`` 1). ``pad_crop`` (pad, random crop back: CIFAR's) is there to be chosen
   (``data.aug.policy=pad_crop``, or ``data.aug.padding`` set);
 * ``aug.hflip``: 0.5 when flipped images keep their classes, 0 when they look like other classes (digits, text):
-  ``flip_check.flip_retention`` measures it on a sample of the training images (the one step here that reads
-  pixels, done by the caller); when it cannot tell, 0.5, as for natural images.
-
+  ``flip_check.flip_retention`` measures it on a sample of the training images (the caller does; this module
+  reads no pixels); when it cannot tell, 0.5, as for natural images;
 * ``batch_size`` (``data.batch_size=auto``): ``MAX_AUTO_BATCH`` images per process, less for a data set of a few
   hundred images so that an epoch still has ``MIN_STEPS_PER_EPOCH`` optimizer steps (a power of two, at least
   ``MIN_AUTO_BATCH``): schedules count epochs, and 160 images in batches of 32 give 5 steps an epoch.
 
 Every choice is logged with its reason and any of them can be set instead (``data.overrides.input_size=64``,
 ``data.aug.policy=rrc``, ...). An explicit augmentation that would crop an image to under ``MIN_CROP_PIXELS`` is
-refused before training starts. Nothing here decodes pixels; it works on the measured side and flip retention.
+refused before training starts.
 """
 from __future__ import annotations
 
@@ -43,10 +43,9 @@ from .classification import CROP_POLICIES
 from .flip_check import FLIP_KEEPS_CLASSES
 
 __all__ = ["AUTO", "SMALL_INPUT", "MIN_INPUT", "MIN_CROP_SIDE", "MIN_CROP_PIXELS", "FINEST_BRANCH", "MILD_SCALE",
-           "MILD_RATIO", "DataChoices", "rrc_scale",
-           "MAX_AUTO_BATCH", "MIN_AUTO_BATCH", "MIN_STEPS_PER_EPOCH", "choose_input_size", "choose_hflip",
-           "wants_flip_check", "choose_batch_size",
-           "choose_training_crop", "check_crop_size", "resolve_data_choices"]
+           "MILD_RATIO", "MAX_AUTO_BATCH", "MIN_AUTO_BATCH", "MIN_STEPS_PER_EPOCH", "DataChoices", "choose_input_size",
+           "rrc_scale", "choose_training_crop", "choose_hflip", "wants_flip_check", "choose_batch_size",
+           "check_crop_size", "resolve_data_choices"]
 
 AUTO = "auto"
 SMALL_INPUT = 64        # inputs up to this side are evaluated whole (crop_pct 1); MDEQs train small images smaller

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from collections import Counter
 from typing import Any, Dict, List, Mapping, Optional
 
@@ -23,6 +24,8 @@ from ..data.classification import build_transform, resolve_data_cfg
 from ..data.factory import build_classification_datasets
 from ..data.flip_check import flip_retention
 from ..data.inspect import typical_image_size
+from .equilibria import Equilibria
+from .checkpoint import plain_data
 from .evaluate import EvalResult, evaluate_classifier
 from .model_config import architecture_kwargs
 from .training_loop import Trainer
@@ -90,13 +93,18 @@ class ClassificationTrainer(Trainer):
         flips = flip_retention(self.train_set) if wants_flip_check(self.cfg["data"]) else None
         model_cfg = self.cfg["model"]
         starts = bool(model_cfg.get("pretrained") or model_cfg.get("weights"))
-        self.data_choices = data_choices_for(self.cfg["data"], self.model, image_side, flips, starts)
-        self.data_cfg = resolve_data_cfg(self.model, self.data_choices.overrides)
+        self.image_side = image_side
+        self._apply_data_choices(data_choices_for(self.cfg["data"], self.model, image_side, flips, starts))
+
+    def _apply_data_choices(self, choices: DataChoices) -> None:
+        """The transforms of these choices, logged."""
+        self.data_choices = choices
+        self.data_cfg = resolve_data_cfg(self.model, choices.overrides)
         if self.env.is_main:
-            for reason in self.data_choices.reasons:
+            for reason in choices.reasons:
                 _log.info("data: %s", reason)
-            report_input_size(self.data_cfg, image_side, self.cfg["model"]["name"])
-        self.train_set.transform = build_transform(self.data_cfg, True, self.data_choices.aug)
+            report_input_size(self.data_cfg, self.image_side, self.cfg["model"]["name"])
+        self.train_set.transform = build_transform(self.data_cfg, True, choices.aug)
         self.val_set.transform = build_transform(self.data_cfg, False)
 
     def setup_loss(self) -> None:
@@ -132,7 +140,24 @@ class ClassificationTrainer(Trainer):
         return self.train_loss_fn(outputs.float(), targets)
 
     def extra_state(self) -> Dict[str, Any]:
-        return dict(data_cfg=self.data_cfg, classes=list(self.train_set.classes))
+        return dict(data_cfg=self.data_cfg, classes=list(self.train_set.classes),
+                    data_choices=dict(overrides=self.data_choices.overrides, aug=self.data_choices.aug))
+
+    def restore_extra(self, ckpt: Mapping[str, Any]) -> None:
+        """A resumed run trains on with the data choices it started with, even where ``auto`` would now choose
+        otherwise (another version of these rules)."""
+        saved = ckpt.get("data_choices")
+        now = dict(overrides=self.data_choices.overrides, aug=self.data_choices.aug)
+        if saved and plain_data(saved) != plain_data(now):
+            _log.warning("resuming with the data choices the run started with (%s), not those chosen now (%s)",
+                         saved, now)
+            self._apply_data_choices(DataChoices(overrides=dict(saved["overrides"]), aug=dict(saved["aug"]),
+                                                 reasons=["as the run being resumed chose"]))
+        elif not saved and ckpt.get("data_cfg") and list(ckpt["data_cfg"]["input_size"]) != list(
+                self.data_cfg["input_size"]):
+            _log.warning("the checkpoint was trained at input size %s and this run chose %s: set "
+                         "data.overrides.input_size to the run's own to resume it as it was",
+                         list(ckpt["data_cfg"]["input_size"]), list(self.data_cfg["input_size"]))
 
     def chance_score(self) -> float:
         """Top-1 (%) of always predicting the validation set's most frequent class."""
@@ -161,12 +186,9 @@ class ClassificationTrainer(Trainer):
 
     def val_row(self, res: Optional[EvalResult], prefix: str = "val_") -> Dict[str, Any]:
         row: Dict[str, Any] = {f"{prefix}top1": res.top1 if res else "", f"{prefix}top5": res.top5 if res else ""}
-        if prefix == "val_":
-            def solver(value):
-                return "" if value is None else value
-
-            row.update(val_loss=res.loss if res else "", deq_nstep_mean=solver(res.deq_nstep_mean if res else None),
-                       deq_rel_residual_mean=solver(res.deq_rel_residual_mean if res else None))
+        if prefix == "val_":  # the solver columns stay blank for an explicit network (nothing solved)
+            row.update(val_loss=res.loss if res else "", deq_nstep_mean=_blank(res and res.deq_nstep_mean),
+                       deq_rel_residual_mean=_blank(res and res.deq_rel_residual_mean))
         return row
 
     def final_metrics(self, val: EvalResult) -> Dict[str, Any]:
@@ -188,17 +210,27 @@ class ClassificationTrainer(Trainer):
                         f"{m['deq_rel_residual_mean']:.3g}"]
 
 
+def _blank(value: Any) -> Any:
+    """A CSV cell: empty for None."""
+    return "" if value is None else value
+
+
 def data_choices_for(data_cfg: Mapping[str, Any], model: nn.Module, image_side: Optional[int],
                      flips: Optional[float] = None, from_weights: bool = False) -> DataChoices:
     """The run's data choices (``mdeq.data.auto``) for ``model``: its pretrained cfg's input size, whether that size
-    is fixed (a ViT), and for an MDEQ the multiple its input must be (``size_divisor``) and the input pixels per
-    pixel of its finest branch (2^``downsample_times``); ``flips``: the data's ``flip_retention``;
+    is fixed (a ViT), the multiple its input side must be (an MDEQ's ``size_divisor``; for another timm model its
+    largest feature reduction, 32 for a ResNet or an HRNet, whose branches must line up), and for a model holding an
+    MDEQ the image pixels per pixel of its finest branch; ``flips``: the data's ``flip_retention``;
     ``from_weights``: the model holds starting weights, trained at its cfg's size."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     cfg_side = int(min((cfg.get("input_size") or (3, 224, 224))[-2:]))
-    arch = getattr(model, "cfg", None)
-    divisor = int(getattr(arch, "size_divisor", 1) or 1)
-    stride = 2 ** int(arch.downsample_times) if hasattr(arch, "downsample_times") else None
+    stages = list(Equilibria(model).stages.values())
+    multiples = [int(getattr(s, "input_divisor", 1) or 1) for s in stages]
+    multiples += [int(f.get("reduction", 1)) for f in (getattr(model, "feature_info", None) or [])
+                  if isinstance(f, Mapping)] if not stages else []
+    divisor = math.lcm(*multiples) if multiples else 1
+    strides = [int(getattr(s, "input_stride", 0) or 0) for s in stages]
+    stride = max(strides) if strides and all(strides) else None
     return resolve_data_choices(data_cfg, cfg_side, image_side, divisor, bool(cfg.get("fixed_input_size")), stride,
                                 flips, from_weights)
 
@@ -211,5 +243,5 @@ def report_input_size(data_cfg: Mapping[str, Any], native: Optional[int], model_
               f"{native} px" if native else "unknown")
     if native and not 0.5 <= min(h, w) / native <= 2.0:
         _log.warning("training at %dx%d, but the images' median shorter side is %d px (more than 2x away): set "
-                     "data.overrides.input_size=auto (or %d) to train near the data's own size, or choose a model tag "
-                     "made for it", h, w, native, native)
+                     "data.overrides.input_size=%d to train near the data's own size, or choose a model tag made for "
+                     "it", h, w, native, native)

@@ -26,7 +26,7 @@ from ..core.scope import forward_scope
 from ..data.classification import build_transform, resolve_data_cfg
 from ..data.factory import build_classification_datasets
 from ..data.loaders import build_eval_loader, build_train_loader
-from .checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_atomic
+from .checkpoint import CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state, save_atomic
 from .distributed import DistEnv
 from .evaluate import evaluate_classifier
 from .model_config import is_mdeq_name
@@ -58,8 +58,8 @@ def distill_classifier(checkpoint: str, output_dir: Path, env: DistEnv, data_roo
     if ckpt["identity"].get("task", "classification") != "classification":
         raise ValueError(f"{checkpoint} is not a classification training checkpoint of this package")
     if not is_mdeq_name(ckpt["identity"]["arch"]):
-        raise ValueError(f"{checkpoint} holds {ckpt['identity']['arch']}, an explicit network: consistency "
-                         "distillation trains a C-DEQ student of an MDEQ teacher (an mdeq_* checkpoint)")
+        raise CheckpointError(f"{checkpoint} holds {ckpt['identity']['arch']}, an explicit network: consistency "
+                              "distillation trains a C-DEQ student of an MDEQ teacher (an mdeq_* checkpoint)")
     cfg = ckpt["config"]
     torch.manual_seed(seed)
     # the teacher with a student added (the teacher's weights loaded, the student at its init) in the teacher's

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..core import DEQ, SolverStats
-from ..models.control import configure_deq, find_mdeqs, set_jac_probes
+from ..models.control import configure_deq, find_mdeqs, set_jac_probes, stage_deq
 
 __all__ = ["Equilibria", "combine_stats", "MDEQ_SETTINGS", "mdeq_settings_given", "refuse_mdeq_settings",
            "log_skipped_mdeq_defaults"]
@@ -52,7 +52,7 @@ class Equilibria:
     def deq(self) -> Optional[DEQ]:
         """The first stage's ``mdeq.core.DEQ`` (None for an explicit model)."""
         for stage in self.stages.values():
-            return stage.deq
+            return stage_deq(stage)
         return None
 
     @property
@@ -81,7 +81,9 @@ class Equilibria:
 def combine_stats(stats: Sequence[SolverStats]) -> SolverStats:
     """One ``SolverStats`` for several equilibria solved in one forward (a model holding several MDEQs): per sample,
     f-evaluations add up, residuals, convergence and divergence take the worst stage; the loss terms (Jacobian
-    penalty, initial-guess loss) add up; backward statistics combine once every stage's backward has run."""
+    penalty, initial-guess loss) add up; backward statistics combine once every stage's backward has run. The
+    fixed-point correction's states and head outputs (``corrections``, ``aux_outputs``) are an MDEQ model's own (its
+    head makes them) and do not combine: a model with several MDEQs trains without that loss."""
     first = stats[0]
     backward = [s.backward for s in stats]
 
@@ -110,10 +112,14 @@ def _override_key(override: str) -> str:
 
 
 def mdeq_settings_given(overrides: Sequence[str]) -> List[str]:
-    """The command-line overrides that set an MDEQ setting (``MDEQ_SETTINGS``), in the order given."""
+    """The command-line overrides that set an MDEQ setting (``MDEQ_SETTINGS``), in the order given; turning an MDEQ
+    feature off (``train.compile_cell=false``) asks nothing of the model and is not one."""
     given = []
     for override in overrides:
         key = _override_key(override)
+        value = override.split("=", 1)[1].strip().lower() if "=" in override else ""
+        if key == "train.compile_cell" and value in ("false", "0", "null", "none", ""):
+            continue
         if any(key == s or key.startswith(s + ".") or key.startswith(s + "@") for s in MDEQ_SETTINGS):
             given.append(override)
     return given

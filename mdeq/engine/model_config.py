@@ -11,13 +11,15 @@ keywords (``+model.kwargs.drop_path_rate=0.1``). A run whose DEQ settings start 
 from __future__ import annotations
 
 import difflib
+import json
 import logging
+from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Sequence
 
 from ..models.config import CLS_PRESETS, SEG_PRESETS, config_field_names
 
-__all__ = ["MDEQ_KWARGS", "kwargs_base", "set_kwargs", "is_mdeq_name", "check_mdeq_kwargs", "architecture_kwargs",
-           "check_kwargs_overrides", "without_needless_plus"]
+__all__ = ["MDEQ_KWARGS", "kwargs_base", "set_kwargs", "architecture_of", "is_mdeq_name", "check_mdeq_kwargs",
+           "architecture_kwargs", "check_kwargs_overrides", "without_needless_plus"]
 
 _log = logging.getLogger("mdeq.train")
 
@@ -35,9 +37,29 @@ def set_kwargs(model_cfg: Mapping[str, Any]) -> Dict[str, Any]:
     return {k: v for k, v in dict(model_cfg.get("kwargs") or {}).items() if v is not None}
 
 
+def architecture_of(name: str) -> str:
+    """The timm architecture a model name builds: the name itself (``arch`` or ``arch.tag``), or for a
+    ``local-dir:<folder>`` / ``hf-hub:<repo>`` name the ``architecture`` of its ``config.json`` (the name itself when
+    that cannot be read: a Hub repo that is not cached offline)."""
+    name = str(name)
+    try:
+        if name.startswith("local-dir:"):
+            config = json.loads((Path(name[len("local-dir:"):]) / "config.json").read_text())
+            return str(config.get("architecture") or name)
+        if name.startswith("hf-hub:"):
+            from timm.models import load_model_config_from_hf
+
+            pretrained_cfg, arch, _ = load_model_config_from_hf(name[len("hf-hub:"):])
+            return str(arch or pretrained_cfg.get("architecture") or name)
+    except Exception:  # unreadable: timm.create_model will say what is wrong with the name
+        return name
+    return name
+
+
 def is_mdeq_name(name: str) -> bool:
-    """Whether ``name`` (``arch`` or ``arch.tag``) is one of this package's MDEQ presets."""
-    return str(name).split(".", 1)[0] in set(CLS_PRESETS) | set(SEG_PRESETS)
+    """Whether ``name`` (``arch``, ``arch.tag``, or a ``local-dir:`` / ``hf-hub:`` name of one) builds one of this
+    package's MDEQ presets."""
+    return architecture_of(name).split(".", 1)[0] in set(CLS_PRESETS) | set(SEG_PRESETS)
 
 
 def _unknown_message(keys: Iterable[str], name: str) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import List, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 __all__ = ["TrainingHealth", "LOSS_GROWTH", "CHANCE_MARGIN"]
 
@@ -21,10 +21,11 @@ CHANCE_MARGIN = 0.02  # a validation accuracy within 2 points of always predicti
 
 
 class TrainingHealth:
-    """Watches the training loss (``begin``: the first step's, the reference; ``loss``: each log window's mean) and
-    the validation score (``validated``: after each validation); ``warnings`` lists what it warned about.
-    ``settings`` names the run's likely culprits (the learning rate, warmup, the Jacobian penalty) in the messages.
-    A resumed run takes its first step after resuming as the reference."""
+    """Watches the training loss without the DEQ terms (``begin``: the first step's, the reference; ``loss``: each log
+    window's mean) and the validation score (``validated``: after each validation); ``warnings`` lists what it warned
+    about. ``settings`` names the run's likely culprits (the learning rate, warmup, the Jacobian penalty) in the
+    messages. Its state goes into the run's checkpoints (``state_dict``), so a resumed run keeps the reference and
+    what it has said; a checkpoint without it takes the first step after resuming as the reference."""
 
     def __init__(self, settings: str):
         self.settings = settings
@@ -40,8 +41,20 @@ class TrainingHealth:
         self.warnings.append(message)
         _log.warning("%s (warned once)", message)
 
+    def state_dict(self) -> Dict[str, Any]:
+        return dict(start=self.start, warnings=list(self.warnings), said=sorted(self._said), at_chance=self._at_chance)
+
+    def load_state_dict(self, state: Optional[Mapping[str, Any]]) -> None:
+        """What a checkpoint saved (nothing to restore from one written before the checks existed)."""
+        if not state:
+            return
+        self.start = state.get("start")
+        self.warnings = list(state.get("warnings") or [])
+        self._said = set(state.get("said") or [])
+        self._at_chance = int(state.get("at_chance") or 0)
+
     def begin(self, value: float) -> None:
-        """The loss of the run's first step (before any update moved the weights): the reference."""
+        """The loss of a step; the first one (before any update moved the weights) is the reference."""
         if self.start is None and math.isfinite(value):
             self.start = value
 
@@ -55,9 +68,9 @@ class TrainingHealth:
 
     def validated(self, accuracy: Optional[float], chance: Optional[float], train_loss: Optional[float],
                   past_warmup: bool, epoch: int, final: bool = False) -> None:
-        """A validation accuracy (percent) against ``chance`` (percent: always predicting the most frequent class),
-        judged only ``past_warmup`` (after pre-training and the lr warmup): a warning when it is at chance two
-        validations in a row, or in the ``final`` one."""
+        """A validation accuracy (percent) in ``epoch`` (counted from 1) against ``chance`` (percent: always predicting
+        the most frequent class), judged only ``past_warmup`` (after pre-training and the lr warmup): a warning when it
+        is at chance two validations in a row, or in the ``final`` one."""
         if accuracy is None or chance is None or not past_warmup:
             return
         if accuracy > chance + 100.0 * CHANCE_MARGIN:
@@ -71,5 +84,5 @@ class TrainingHealth:
                "training batches but not the validation images, which points at BatchNorm statistics that lag "
                "(train.precise_bn_batches=20), train/val preprocessing that differ, or overfitting"
                if low_loss else f"and the training loss is not falling; check {self.settings}")
-        self._warn("chance", f"validation top-1 {accuracy:.2f}% after epoch {epoch} is chance level ({chance:.2f}%: "
+        self._warn("chance", f"validation top-1 {accuracy:.2f}% in epoch {epoch} is chance level ({chance:.2f}%: "
                              f"always the most frequent class) {why}")

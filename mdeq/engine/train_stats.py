@@ -21,11 +21,13 @@ class StatsWindow:
         self.bn = self.jn = 0
         self.diverged = 0
         self.last_loss = 0.0
+        self.task_loss = 0.0  # the task's loss alone (no DEQ terms), summed
 
-    def add(self, loss: float, samples: int, stats: Optional[SolverStats]) -> int:
-        """One optimizer step: its loss, the samples it saw and the forward's solver statistics; returns the
-        number of samples whose solve diverged in this step."""
+    def add(self, loss: float, samples: int, stats: Optional[SolverStats], task_loss: Optional[float] = None) -> int:
+        """One optimizer step: its loss (and ``task_loss``, without the DEQ terms; default the same), the samples it
+        saw and the forward's solver statistics; returns the number of samples whose solve diverged in this step."""
         self.loss += loss
+        self.task_loss += loss if task_loss is None else task_loss
         self.n += 1
         self.samples += samples
         if stats is None:

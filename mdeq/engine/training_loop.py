@@ -112,10 +112,11 @@ class Trainer(ABC):
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         if self.tcfg.get("compile_cell"):
-            if not self.equilibria:
-                raise ValueError(f"train.compile_cell=true needs an MDEQ model; {cfg['model']['name']} has no "
-                                 "equilibrium cell (use train.compile_cell=false)")
-            for stage in self.equilibria.stages.values():
+            stages = list(self.equilibria.stages.values())
+            if not stages or not all(hasattr(stage, "compile_cell") for stage in stages):
+                raise ValueError(f"train.compile_cell=true needs an MDEQ model's equilibrium cell; "
+                                 f"{cfg['model']['name']} has none (use train.compile_cell=false)")
+            for stage in stages:
                 stage.compile_cell()
 
         batch, why = choose_batch_size(cfg["data"]["batch_size"], len(self.train_set), env.world_size)
@@ -158,6 +159,7 @@ class Trainer(ABC):
 
         self.progress = Progress()
         self.health = TrainingHealth(self._likely_culprits())
+        self._task_loss = float("nan")  # the last step's task loss (without the DEQ terms)
         self.precise_bn = PreciseBN(self.bn_dataset, int(self.tcfg.get("precise_bn_batches") or 0), batch, seed, env,
                                     workers=self.workers, channels_last=self.channels_last)
         self.logger: Optional[RunLogger] = None
@@ -268,8 +270,10 @@ class Trainer(ABC):
                         scaler=self.scaler)
 
     def state_dict(self) -> Dict[str, Any]:
-        return run_state_dict(self._parts(), self.progress, self.identity(), self.cfg, self._data_setup(),
-                              self.schedule.phase(self.progress.step), self.extra_state())
+        state = run_state_dict(self._parts(), self.progress, self.identity(), self.cfg, self._data_setup(),
+                               self.schedule.phase(self.progress.step), self.extra_state())
+        state["health"] = self.health.state_dict()
+        return state
 
     def save(self, name: str) -> Optional[Path]:
         if not self.env.is_main:
@@ -279,6 +283,7 @@ class Trainer(ABC):
     def _restore(self, ckpt: Mapping[str, Any]) -> None:
         self.progress = restore_run_state(self._parts(), ckpt, int(self.tcfg["seed"]), self.env.rank,
                                           self.env.world_size)
+        self.health.load_state_dict(ckpt.get("health"))
         self.restore_extra(ckpt)
 
     # ------------------------------------------------------------------ training
@@ -318,8 +323,10 @@ class Trainer(ABC):
             if final_eval is None or final_eval_step != p.step:  # evaluate the final weights if not just done
                 final_eval = self._validate()
                 if self.env.is_main:
-                    self.health.validated(self.score(final_eval), self.chance_score(), None, self._past_warmup(),
-                                          p.epoch, final=True)
+                    ema = getattr(final_eval, "ema", None)
+                    self.health.validated(self.score(ema if ema is not None else final_eval), self.chance_score(),
+                                          p.epoch_loss_sum / max(p.epoch_steps, 1), self._past_warmup(),
+                                          p.epoch + 1, final=True)
             metrics = self._final_metrics(final_eval)
             if self.env.is_main:
                 self.save("last.pth")
@@ -361,9 +368,9 @@ class Trainer(ABC):
             p.samples_seen += n
             p.epoch_loss_sum += loss_value
             p.epoch_steps += 1
-            if p.step == 1:
-                self.health.begin(loss_value)
-            diverged = window.add(loss_value, n, stats)
+            if env.is_main:  # the reference: the first step (the first after a resume that has none)
+                self.health.begin(self._task_loss)
+            diverged = window.add(loss_value, n, stats, task_loss=self._task_loss)
             if diverged and env.is_main:
                 warn_diverged(diverged, int(stats.diverged.numel()), "training")
             self.scheduler.step_update(num_updates=p.step)
@@ -403,7 +410,7 @@ class Trainer(ABC):
     def _optimizer_step(self, micro: List, plan) -> tuple:
         env = self.env
         self.optimizer.zero_grad(set_to_none=True)
-        total = 0.0
+        total = task = 0.0
         stats = None
         for i, (images, targets) in enumerate(micro):
             images = images.to(env.device, non_blocking=True)
@@ -416,6 +423,7 @@ class Trainer(ABC):
             with sync:
                 with autocast_context(env.device, self.amp_dtype):
                     loss = self.criterion(self.ddp_model(images), targets)
+                    task_loss = loss.detach()  # read after backward, with the total: one sync a micro-batch
                     stats = self.equilibria.stats()
                     if stats is not None and stats.aux_outputs:
                         loss = with_corrections(loss, stats, self.criterion, targets,
@@ -427,6 +435,7 @@ class Trainer(ABC):
                 else:
                     scaled.backward()
             total += loss.detach().item()
+            task += task_loss.item()
         clip = self.tcfg.get("clip_grad")
         if self.scaler is not None:
             if clip:
@@ -441,6 +450,7 @@ class Trainer(ABC):
         if self.ema is not None:
             self.ema.update(self.model, step=self.progress.step)
         loss_value = total / len(micro)
+        self._task_loss = task / len(micro)  # without the DEQ terms: what TrainingHealth watches
         finite = math.isfinite(loss_value)
         if self.env.distributed:  # every rank must stop together, not leave the others waiting in a collective
             finite = all_reduce_sum([0.0 if finite else 1.0], self.env)[0] == 0.0
@@ -470,7 +480,7 @@ class Trainer(ABC):
                             "deq/jac_weight": plan.jac_weight})
         self.logger.scalars(scalars, self.progress.step)
         if self.env.is_main:
-            self.health.loss(loss, self.progress.step)
+            self.health.loss(w.task_loss / max(w.n, 1), self.progress.step)
         return loss
 
     def _prepare_eval(self, model: nn.Module) -> None:
@@ -512,7 +522,7 @@ class Trainer(ABC):
             score = self.score(ema if ema is not None else val)
             if self.env.is_main:
                 self.health.validated(score, self.chance_score(), row["train_loss"], self._past_warmup(),
-                                      p.epoch, final=p.epoch + 1 >= self.epochs)
+                                      p.epoch + 1, final=p.epoch + 1 >= self.epochs)
             improved = score > p.best_score
             if improved:
                 p.best_score, p.best_epoch = score, p.epoch

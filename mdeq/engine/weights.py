@@ -82,8 +82,11 @@ def freeze_groups(model: nn.Module, groups: Sequence[str]) -> None:
         raise ValueError(f"model.freeze accepts {sorted(FREEZE_GROUPS)}, got {unknown}")
     if not groups:
         return
-    if getattr(model, "fullstage", None) is not None or not hasattr(model, "group_matcher"):
+    if getattr(model, "fullstage", None) is not None:
         modules = [m for g in groups for m in FREEZE_GROUPS[g] if getattr(model, m, None) is not None]
+    elif not hasattr(model, "group_matcher"):
+        raise ValueError(f"model.freeze={groups}: {type(model).__name__} has neither an MDEQ's stem and cell nor "
+                         "timm's group_matcher naming its stem; freeze its parameters in its own code")
     else:
         if "cell" in groups:
             raise ValueError(f"model.freeze=[cell] freezes an MDEQ's equilibrium cell; {type(model).__name__} is an "

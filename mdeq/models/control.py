@@ -22,10 +22,11 @@ from torch import nn
 
 from mdeq.core import DEQ, SolverStats
 
-__all__ = ["find_mdeqs", "configure_deq", "deq_stats", "set_jac_probes"]
+__all__ = ["find_mdeqs", "stage_deq", "configure_deq", "deq_stats", "set_jac_probes"]
 
 
-def _owned_deq(module: nn.Module) -> Optional[DEQ]:
+def stage_deq(module: nn.Module) -> Optional[DEQ]:
+    """The ``mdeq.core.DEQ`` that ``module`` owns as a direct child (an equilibrium stage's solver), else None."""
     for child in module.children():
         if isinstance(child, DEQ):
             return child
@@ -37,7 +38,7 @@ def find_mdeqs(module: nn.Module) -> Dict[str, nn.Module]:
     ``module``, in ``named_modules`` order; empty when there is none."""
     if not isinstance(module, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(module).__name__}")
-    return {name: m for name, m in module.named_modules() if _owned_deq(m) is not None}
+    return {name: m for name, m in module.named_modules() if stage_deq(m) is not None}
 
 
 def _require_mdeqs(module: nn.Module) -> Dict[str, nn.Module]:
@@ -59,12 +60,12 @@ def configure_deq(module: nn.Module, **options: Any) -> Dict[str, DEQ]:
     stages = _require_mdeqs(module)
     for name, stage in stages.items():  # dry run: every stage accepts the change, or nothing changes
         try:
-            copy.deepcopy(_owned_deq(stage)).configure(**options)
+            copy.deepcopy(stage_deq(stage)).configure(**options)
         except (TypeError, ValueError) as err:
             if len(stages) > 1 and hasattr(err, "add_note"):  # Python >= 3.11: say which one, same message
                 err.add_note(f"refused by the MDEQ at {name!r} of {type(module).__name__}; no MDEQ was changed")
             raise
-    return {name: _owned_deq(stage).configure(**options) for name, stage in stages.items()}
+    return {name: stage_deq(stage).configure(**options) for name, stage in stages.items()}
 
 
 def deq_stats(module: nn.Module) -> Dict[str, Optional[SolverStats]]:

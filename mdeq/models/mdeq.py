@@ -70,6 +70,10 @@ class MDEQStage(MDEQCell):
                        **cfg.deq_settings())
         self.jac_probes = 0
         self.num_layers = cfg.num_layers  # the original's unrolled depth (NUM_LAYERS: pre-training's solver='unroll')
+        # what the image must be for the model around this stage: a multiple of input_divisor a side, and
+        # input_stride image pixels per pixel of the finest branch (its stem's stride)
+        self.input_divisor = cfg.size_divisor
+        self.input_stride = 2 ** cfg.downsample_times
         self.stats: Optional[SolverStats] = None
         self.compile_options: Optional[Dict[str, Any]] = None  # set by compile_cell; None: the eager cell
         self._compiled_cell = None

@@ -116,7 +116,7 @@ def test_training_logs_its_input_size_and_warns_far_from_the_data(digits_small, 
     infos = [r.getMessage() for r in records if r.levelno == logging.INFO]
     warns = [r.getMessage() for r in records if r.levelno == logging.WARNING]
     assert infos[0].startswith("input size 16x16") and "32 px" in infos[0]
-    assert len(warns) == 1 and "training at 224x224" in warns[0] and "data.overrides.input_size=auto (or 32)" in warns[0]
+    assert len(warns) == 1 and "training at 224x224" in warns[0] and "data.overrides.input_size=32 " in warns[0]
 
 
 # ---------------------------------------------------------------------------------------------- stop signals

@@ -14,8 +14,9 @@ from typing import Dict, Optional, Sequence
 import torch
 
 from ...core import budget_options, solver_spec
+from ...data.auto import choose_batch_size
 from ...data.classification import build_transform, resolve_data_cfg
-from ...data.factory import build_classification_split
+from ...data.factory import build_classification_datasets, build_classification_split
 from ...data.loaders import build_eval_loader
 from ...engine.distributed import DistEnv
 from ...engine.evaluate import evaluate_classifier
@@ -102,5 +103,14 @@ def evaluate_method(checkpoint: Path, evals: Sequence[int] = DEFAULT_EVALS, env=
                      nfe_last_batch=int(model.deq_stats.nfe), solver=conv_options["solver"],
                      max_iter=int(conv_options["max_iter"]), tol=conv_options["tol"])
     return dict(budgets=rows, converged=converged, official=official, val_images=res.count, base_solver=base["solver"],
-                input_size=list(data_cfg["input_size"]), batch_size=int(loaded.config["data"]["batch_size"]),
+                input_size=list(data_cfg["input_size"]), batch_size=_train_batch(loaded.config),
                 data=loaded.config["data"].get("name"))
+
+
+def _train_batch(config) -> int:
+    """The batch size a run trained with (``data.batch_size``; ``auto`` resolves as the run did for its data)."""
+    batch = config["data"]["batch_size"]
+    if isinstance(batch, int):
+        return batch
+    train, _ = build_classification_datasets(config["data"])
+    return choose_batch_size(batch, len(train))[0]

@@ -66,7 +66,8 @@ def train_command(method: Method, run_dir: Path, epochs: Optional[int], data_roo
         cmd.append(f"train.epochs={epochs}")
     if data_root is not None:
         cmd += ["data=imagefolder", f"data.root={data_root}", "data.aug.scale=[0.85,1.0]", "data.aug.ratio=[0.9,1.1]",
-                "data.aug.hflip=0.0", "data.workers=2", "data.eval_batch_size=128", f"recipe=budget-{method.recipe}"]
+                "data.aug.hflip=0.0", "data.batch_size=32", "data.workers=2", "data.eval_batch_size=128",
+                f"recipe=budget-{method.recipe}"]
         if method.name != "stack" and train_images is not None:  # the stack never leaves unrolled mode
             batch = int(_last_value(list(overrides), "data.batch_size") or 32)
             cmd.append(f"schedule.pretrain_steps={PRETRAIN_EPOCHS * max(train_images // batch, 1)}")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 from ...engine.app import CONFIG_MODULE, register_configs
+from ...engine.model_config import without_needless_plus
 from ..processes import launch, package_env
 from .methods import METHODS, count_images, distill_command, split_overrides, train_command
 
@@ -32,7 +33,7 @@ def recipe_changed(cmd: List[str], run_dir: Path) -> bool:
     if not saved.is_file():
         return True
     register_configs()
-    job = [o for o in cmd[3:] if not o.lstrip("+~").startswith("hydra.")]
+    job = without_needless_plus([o for o in cmd[3:] if not o.lstrip("+~").startswith("hydra.")])  # as the tool
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         now = OmegaConf.to_container(compose(config_name="train_cls", overrides=job), resolve=False)
     return now != OmegaConf.to_container(OmegaConf.load(saved), resolve=False)
