@@ -31,7 +31,7 @@ def test_the_deq_group_is_the_cores_options_and_null_leaves_the_models_setting()
     o = model.deq.options
     assert (o["solver"], o["max_iter"], o["b_max_iter"], o["solver_options"]) == ("anderson", 8, 8, {})
     assert o["phantom_steps"] == DEQ_OPTIONS["phantom_steps"].default  # null: the model's own (the default)
-    assert schedule.deq["solver"] == "anderson" and schedule.unroll_steps == 4  # schedule/default
+    assert schedule.deq["solver"] == "anderson" and schedule.unroll_steps == model.cfg.num_layers
     schedule.apply(model, schedule.plan(14, 0))
     assert model.deq.options["solver"] == "unroll"
     schedule.apply(model, schedule.plan(15, 0))
