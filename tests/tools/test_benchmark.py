@@ -200,7 +200,8 @@ def test_own_data_benchmark_trains_each_variant_by_the_own_data_command_and_reus
     tuned = own_data.train_command(Path("/d"), own_data.VARIANTS["tuned"], "tiny", 3, Path("/r"))
     assert "optim.lr=2e-3" in tuned and "train.epochs=3" in tuned and "optim.lr" not in rows["defaults"]["command"]
     assert rows["small_cnn"]["model"] == "test_byobnet" and rows["defaults"]["parameters"] == 158890
-    assert [b["max_iter"] for b in rows["fast"]["budget_top1"]] == [1, 2, 4] and "deq=fast" in rows["fast"]["command"]
+    assert [(b["evals"], b["nfe"]) for b in rows["fast"]["budget_top1"]] == [(1, 1), (2, 2), (4, 4)]
+    assert "deq=fast" in rows["fast"]["command"]
     assert any("input size 16x16" in reason for reason in rows["defaults"]["data_choices"])
     table = (tmp_path / "out" / "owndata.md").read_text()
     assert "| model / recipe | parameters | top-1 @ 1 ep | train s @ 1 ep |" in table

@@ -61,7 +61,7 @@ def _val_loader(loaded, batch_size: Optional[int] = None):
     data_cfg = resolve_data_cfg(loaded.model, loaded.data_cfg)
     dataset = build_classification_split(data, data.get("val_split", "val"), transform=build_transform(data_cfg, False),
                                          classes=loaded.classes)
-    batch = batch_size or data.get("eval_batch_size") or data["batch_size"]
+    batch = batch_size or data.get("eval_batch_size") or _train_batch(loaded.config)
     return build_eval_loader(dataset, int(batch), workers=0), data_cfg
 
 
