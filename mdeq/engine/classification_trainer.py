@@ -225,12 +225,15 @@ def data_choices_for(data_cfg: Mapping[str, Any], model: nn.Module, image_side: 
     cfg = getattr(model, "pretrained_cfg", None) or {}
     cfg_side = int(min((cfg.get("input_size") or (3, 224, 224))[-2:]))
     stages = list(Equilibria(model).stages.values())
-    multiples = [int(getattr(s, "input_divisor", 1) or 1) for s in stages]
-    multiples += [int(f.get("reduction", 1)) for f in (getattr(model, "feature_info", None) or [])
-                  if isinstance(f, Mapping)] if not stages else []
+    if stages:
+        multiples = [int(getattr(s, "input_divisor", 1) or 1) for s in stages]
+        strides = [int(getattr(s, "input_stride", 0) or 0) for s in stages]
+        stride = max(strides) if all(strides) else None
+    else:
+        multiples = [int(f.get("reduction", 1)) for f in getattr(model, "feature_info", None) or []
+                     if isinstance(f, Mapping)]
+        stride = None
     divisor = math.lcm(*multiples) if multiples else 1
-    strides = [int(getattr(s, "input_stride", 0) or 0) for s in stages]
-    stride = max(strides) if strides and all(strides) else None
     return resolve_data_choices(data_cfg, cfg_side, image_side, divisor, bool(cfg.get("fixed_input_size")), stride,
                                 flips, from_weights)
 

@@ -40,6 +40,7 @@ class LoadedModel:
     classes: Optional[List[str]] = None          # class names in index order (training checkpoints)
     data_cfg: Optional[Dict[str, Any]] = None    # the transforms' data config used in training
     config: Optional[Dict[str, Any]] = None      # the training run's config
+    data_setup: Optional[Dict[str, int]] = None  # what it trained with: batch size per process, processes, ...
     schedule: Optional[Union[DEQSchedule, ExplicitSchedule]] = None
     step: int = 0
     task: str = "classification"
@@ -89,7 +90,8 @@ def model_from_checkpoint(source: Union[str, Path, Mapping[str, Any]], use_ema: 
     step = int(ckpt["progress"]["step"])
     schedule.apply_eval(model, step)
     return LoadedModel(model=model, arch=ident["arch"], description=f"training checkpoint {path} (step {step})",
-                       classes=ckpt.get("classes"), data_cfg=ckpt.get("data_cfg"), config=cfg, schedule=schedule,
+                       classes=ckpt.get("classes"), data_cfg=ckpt.get("data_cfg"), config=cfg,
+                       data_setup=ckpt.get("data_setup"), schedule=schedule,
                        step=step, task=task,
                        extra=dict(palette=ckpt.get("palette"), ignore_index=ckpt.get("ignore_index")))
 

@@ -14,9 +14,8 @@ from typing import Dict, Optional, Sequence
 import torch
 
 from ...core import budget_options, solver_spec
-from ...data.auto import choose_batch_size
 from ...data.classification import build_transform, resolve_data_cfg
-from ...data.factory import build_classification_datasets, build_classification_split
+from ...data.factory import build_classification_split
 from ...data.loaders import build_eval_loader
 from ...engine.distributed import DistEnv
 from ...engine.evaluate import evaluate_classifier
@@ -61,7 +60,7 @@ def _val_loader(loaded, batch_size: Optional[int] = None):
     data_cfg = resolve_data_cfg(loaded.model, loaded.data_cfg)
     dataset = build_classification_split(data, data.get("val_split", "val"), transform=build_transform(data_cfg, False),
                                          classes=loaded.classes)
-    batch = batch_size or data.get("eval_batch_size") or _train_batch(loaded.config)
+    batch = batch_size or data.get("eval_batch_size") or _train_batch(loaded)
     return build_eval_loader(dataset, int(batch), workers=0), data_cfg
 
 
@@ -103,14 +102,11 @@ def evaluate_method(checkpoint: Path, evals: Sequence[int] = DEFAULT_EVALS, env=
                      nfe_last_batch=int(model.deq_stats.nfe), solver=conv_options["solver"],
                      max_iter=int(conv_options["max_iter"]), tol=conv_options["tol"])
     return dict(budgets=rows, converged=converged, official=official, val_images=res.count, base_solver=base["solver"],
-                input_size=list(data_cfg["input_size"]), batch_size=_train_batch(loaded.config),
+                input_size=list(data_cfg["input_size"]), batch_size=_train_batch(loaded),
                 data=loaded.config["data"].get("name"))
 
 
-def _train_batch(config) -> int:
-    """The batch size a run trained with (``data.batch_size``; ``auto`` resolves as the run did for its data)."""
-    batch = config["data"]["batch_size"]
-    if isinstance(batch, int):
-        return batch
-    train, _ = build_classification_datasets(config["data"])
-    return choose_batch_size(batch, len(train))[0]
+def _train_batch(loaded) -> int:
+    """The batch size per process a run trained with: its checkpoint's data setup (``data.batch_size=auto`` resolved
+    there), else ``data.batch_size``."""
+    return int((loaded.data_setup or {}).get("batch_size") or loaded.config["data"]["batch_size"])

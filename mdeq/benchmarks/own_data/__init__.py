@@ -22,10 +22,9 @@ small_cnn          ``model.name=test_byobnet``: a small explicit ResNet-style ne
 Reported per run: val top-1 of the final weights, ``train_seconds`` (the run's training time, without validation),
 parameters. Seeds move a run more than a point (the digits' 359 val images: one image = 0.28 points, and two seeds
 of the same command ended 1.1 points apart; LFW's 40: one image = 2.5 points), so the runs repeat over ``SEEDS``
-(``train.seed``) and the table gives the mean (and the range). A run whose folder
-holds a metrics.json and the record of the same command is reused (``retrain`` trains again), so an interrupted
-benchmark goes on where it stopped. Time only on an idle machine: the runs are sequential, each with the machine's
-cores.
+(``train.seed``) and the table gives the mean (and the range). A run whose folder holds a metrics.json and the
+record of the same command is reused (``retrain`` trains again), so an interrupted benchmark goes on where it
+stopped. Time only on an idle machine: the runs are sequential, each with the machine's cores.
 
 Rooms: ``datasets`` (the real image sets, written once from the packages that ship them).
 """
@@ -61,20 +60,20 @@ class Variant:
     only_epochs: Optional[Tuple[Optional[int], ...]] = None  # the epoch counts it runs at (None: every one asked)
 
 
+# The previous release's own-data defaults (mdeq-zoo 0.1.0 before issue 19), as overrides of today's
+BEFORE = ("data.overrides.input_size=null", "data.overrides.crop_pct=null", "data.aug.policy=rrc",
+          "data.aug.scale=[0.08,1.0]", "data.aug.ratio=[0.75,1.3333333]", "data.aug.hflip=0.5", "data.batch_size=32",
+          "model.kwargs.dropout=null", "train.precise_bn_batches=0")
+
 VARIANTS: Dict[str, Variant] = {v.name: v for v in (
     Variant("defaults", "mdeq_tiny, own-data defaults", ()),
-    Variant("before", "mdeq_tiny, the previous defaults", (), only_epochs=(3,)),  # BEFORE's overrides
+    Variant("before", "mdeq_tiny, the previous defaults", BEFORE, only_epochs=(3,)),
     Variant("tuned", "mdeq_tiny, hand-tuned recipe", ()),  # the data set's TUNED overrides
     Variant("fast", "mdeq_tiny, fast recipe (deq=fast)", ("deq=fast",), FAST_BUDGETS),
     Variant("resnet18", "resnet18 (explicit)", ("model.name=resnet18",)),
     Variant("hrnet_w18_small", "hrnet_w18_small (explicit multiscale)", ("model.name=hrnet_w18_small",)),
     Variant("small_cnn", "test_byobnet (explicit, ~mdeq_tiny's size)", ("model.name=test_byobnet",)),
 )}
-
-# The previous release's own-data defaults (mdeq-zoo 0.1.0 before issue 19), as overrides of today's
-BEFORE = ("data.overrides.input_size=null", "data.overrides.crop_pct=null", "data.aug.policy=rrc",
-          "data.aug.scale=[0.08,1.0]", "data.aug.ratio=[0.75,1.3333333]", "data.aug.hflip=0.5", "data.batch_size=32",
-          "model.kwargs.dropout=null", "train.precise_bn_batches=0")
 
 # The hand-tuned recipe of each data set: the digits recipe's knowledge (experiment/digits_tiny.yaml: mild
 # random-resized crops without flips, Adam 2e-3, 4 unrolled layers over a sixth of the run, the Jacobian penalty on
@@ -91,8 +90,7 @@ TUNED: Dict[str, Tuple[str, ...]] = {
 
 def train_command(data_root: Path, variant: Variant, dataset: str, epochs: Optional[int], run_dir: Path,
                   seed: int = 42) -> List[str]:
-    overrides = (list(TUNED.get(dataset, ())) if variant.name == "tuned" else list(BEFORE) if variant.name == "before"
-                 else list(variant.overrides))
+    overrides = list(TUNED.get(dataset, ())) if variant.name == "tuned" else list(variant.overrides)
     cmd = [sys.executable, "-m", "mdeq.cli.train_cls", "~experiment", "data=imagefolder", f"data.root={data_root}",
            *overrides, f"hydra.run.dir={run_dir}", "train.progress=false"]
     return cmd + ([f"train.epochs={epochs}"] if epochs is not None else []) + (
