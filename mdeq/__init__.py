@@ -6,6 +6,6 @@ __version__ = "0.1.0"
 
 from . import core
 from . import models  # registers the timm models
-from .models import configure_deq, create_segmentation_model, deq_stats, find_mdeqs
+from .models import configure_deq, create_segmentation_model, deq_stats, find_mdeqs, stream
 
-__all__ = ["core", "models", "create_segmentation_model", "configure_deq", "deq_stats", "find_mdeqs"]
+__all__ = ["core", "models", "create_segmentation_model", "configure_deq", "deq_stats", "find_mdeqs", "stream"]

@@ -25,7 +25,9 @@
   ``"skip_reg"`` starts from f(z0), one extra f-evaluation and no new parameters (Skip Reg. DEQ). With grad
   enabled both add ``stats.init_loss`` = ``init_weight`` x the mean squared difference between the initial
   guess and z* (z* detached unless ``init_detach=False``), which trains the predictor (and, for ``skip_reg``,
-  pulls f(z0) towards z*).
+  pulls f(z0) towards z*). ``warm`` (a (B,) bool mask at call time) marks samples whose z0 is a warm start
+  (a video stream's previous equilibrium): they start from z0 whatever ``init`` says, the others as ``init``
+  says; when every sample is warm the initial guess is not computed (no predictor call, no extra evaluation).
 * ``record`` (``"all"`` or iterate indices) returns the solver's iterates in ``stats.trajectory``.
 * ``correction_states=n`` (training only): n iterates evenly spaced along the trajectory are recorded and
   each gets a ``correction_steps``-step phantom gradient; the differentiable states are in
@@ -209,6 +211,17 @@ class DEQ(nn.Module):
         self._settings = new
         return self
 
+    @contextlib.contextmanager
+    def temporarily(self, **changes: Any):
+        """``configure(**changes)`` inside the ``with`` block only; the settings given before come back exactly
+        afterwards (also after an error), e.g. a per-frame budget of a video stream."""
+        before = dict(self._settings)
+        self.configure(**changes)
+        try:
+            yield self
+        finally:
+            self._settings = before
+
     @property
     def settings(self) -> Dict[str, Any]:
         """The settings given so far (a copy); ``configure(**settings)`` on another DEQ reproduces this one's."""
@@ -261,13 +274,15 @@ class DEQ(nn.Module):
         jac_probes: int = 0,
         max_iter: Optional[int] = None,
         predictor: Optional[Callable[[], State]] = None,
+        warm: Optional[torch.Tensor] = None,
         **inputs: Any,
     ) -> Tuple[State, SolverStats]:
         """Solve z = f(z) from ``z0`` (see the module docstring for the settings).
 
         ``max_iter`` overrides the setting for this call only; ``predictor`` (init ``"skip"``) returns the
-        initial guess; ``inputs`` are objects the solver needs (``SolverSpec.needs``, e.g. ``student``); those
-        it does not need are ignored.
+        initial guess; ``warm`` (B,) bool marks the samples that start from ``z0`` whatever ``init`` says;
+        ``inputs`` are objects the solver needs (``SolverSpec.needs``, e.g. ``student``); those it does not
+        need are ignored.
         """
         o = self.options
         if max_iter is not None:
@@ -307,14 +322,23 @@ class DEQ(nn.Module):
             # gives the output's shapes (and, for an empty batch, a graph that reaches the parameters)
             return result(f_flat(x0)), _shape_only_stats(o["solver"], x0)
 
+        if warm is not None and (not isinstance(warm, torch.Tensor) or warm.dtype != torch.bool
+                                 or tuple(warm.shape) != (x0.shape[0],)):
+            raise ValueError(f"warm must be a bool tensor of shape ({x0.shape[0]},) (one flag per sample), got "
+                             f"{warm.dtype if isinstance(warm, torch.Tensor) else type(warm).__name__} "
+                             f"{tuple(warm.shape) if isinstance(warm, torch.Tensor) else ''}".rstrip())
         guess, extra_nfe = None, 0  # the differentiable initial guess (Skip / Skip Reg. DEQ)
-        if o["init"] == "skip":
+        if warm is not None and bool(warm.all()):
+            pass  # every sample starts from its warm z0: no guess to compute
+        elif o["init"] == "skip":
             if predictor is None:
                 raise ValueError("init='skip' needs a predictor of the initial state (a model's Skip DEQ "
                                  "initializer: build it with skip_init=True)")
             guess = packer.pack(predictor()).to(work)
         elif o["init"] == "skip_reg":
             guess, extra_nfe = f_flat(x0), 1
+        if guess is not None and warm is not None:
+            guess = torch.where(warm.to(guess.device)[:, None], x0, guess)
         if guess is not None:
             x0 = guess if spec.differentiable else guess.detach()
 

@@ -22,7 +22,8 @@ from torch import nn
 
 from mdeq.core import DEQ, SolverStats
 
-__all__ = ["find_mdeqs", "stage_deq", "configure_deq", "deq_stats", "set_jac_probes"]
+__all__ = ["find_mdeqs", "require_mdeqs", "stage_deq", "check_deq_changes", "configure_deq", "deq_stats",
+           "set_jac_probes"]
 
 
 def stage_deq(module: nn.Module) -> Optional[DEQ]:
@@ -41,7 +42,8 @@ def find_mdeqs(module: nn.Module) -> Dict[str, nn.Module]:
     return {name: m for name, m in module.named_modules() if stage_deq(m) is not None}
 
 
-def _require_mdeqs(module: nn.Module) -> Dict[str, nn.Module]:
+def require_mdeqs(module: nn.Module) -> Dict[str, nn.Module]:
+    """``find_mdeqs(module)``, or a ValueError starting "no MDEQ found in <type>" when there is none."""
     stages = find_mdeqs(module)
     if not stages:
         raise ValueError(
@@ -57,22 +59,29 @@ def configure_deq(module: nn.Module, **options: Any) -> Dict[str, DEQ]:
     when one stage refuses them (a bad value, or a solver needing an add-on only some stages have), none changes.
     Returns the configured ``DEQ`` of each stage, keyed by the stage's path. ValueError when there is no MDEQ.
     """
-    stages = _require_mdeqs(module)
-    for name, stage in stages.items():  # dry run: every stage accepts the change, or nothing changes
+    stages = check_deq_changes(module, **options)
+    return {name: stage_deq(stage).configure(**options) for name, stage in stages.items()}
+
+
+def check_deq_changes(module: nn.Module, **options: Any) -> Dict[str, nn.Module]:
+    """Validate ``configure_deq(module, **options)`` without changing anything: a dry run on a copy of every
+    stage's ``DEQ`` (the same check, with the same errors). Returns the stages, keyed by path."""
+    stages = require_mdeqs(module)
+    for name, stage in stages.items():
         try:
             copy.deepcopy(stage_deq(stage)).configure(**options)
         except (TypeError, ValueError) as err:
             if len(stages) > 1 and hasattr(err, "add_note"):  # Python >= 3.11: say which one, same message
                 err.add_note(f"refused by the MDEQ at {name!r} of {type(module).__name__}; no MDEQ was changed")
             raise
-    return {name: stage_deq(stage).configure(**options) for name, stage in stages.items()}
+    return stages
 
 
 def deq_stats(module: nn.Module) -> Dict[str, Optional[SolverStats]]:
     """The last forward's ``SolverStats`` of every MDEQ in ``module`` (with ``.backward`` once its backward ran),
     keyed by the stage's path; a stage not run yet maps to None. Always a dict, also for one MDEQ
     (``stats, = mdeq.deq_stats(unet).values()``). ValueError when there is no MDEQ."""
-    return {name: getattr(stage, "stats", None) for name, stage in _require_mdeqs(module).items()}
+    return {name: getattr(stage, "stats", None) for name, stage in require_mdeqs(module).items()}
 
 
 def set_jac_probes(module: nn.Module, probes: int) -> None:
@@ -81,5 +90,5 @@ def set_jac_probes(module: nn.Module, probes: int) -> None:
     integer >= 0."""
     if isinstance(probes, bool) or not isinstance(probes, int) or probes < 0:
         raise ValueError(f"jac_probes must be an integer >= 0, got {probes!r}")
-    for stage in _require_mdeqs(module).values():
+    for stage in require_mdeqs(module).values():
         stage.jac_probes = probes

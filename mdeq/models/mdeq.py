@@ -114,9 +114,11 @@ class MDEQStage(MDEQCell):
         return [injection.new_zeros(b, self.branches[i].blocks[0].conv2.out_channels, h >> i, w >> i)
                 .contiguous(memory_format=fmt) for i in range(self.num_branches)]
 
-    def forward(self, injection: torch.Tensor, z0: Optional[List[torch.Tensor]] = None  # type: ignore[override]
-                ) -> List[torch.Tensor]:
-        """Branch equilibria; ``z0`` is a warm start (e.g. the previous frame's equilibrium), zeros by default."""
+    def forward(self, injection: torch.Tensor, z0: Optional[List[torch.Tensor]] = None,  # type: ignore[override]
+                warm: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
+        """Branch equilibria; ``z0`` is a warm start (e.g. the previous frame's equilibrium), zeros by default.
+        ``warm`` (B,) bool: the samples that start from ``z0`` even when the solver's ``init`` is a Skip DEQ start
+        (the others start as ``init`` says); see ``mdeq.stream``."""
         zeros = self.initial_state(injection)
         if z0 is None:
             z0 = zeros
@@ -131,7 +133,7 @@ class MDEQStage(MDEQCell):
         with forward_scope(self):
             jac = self.jac_probes if torch.is_grad_enabled() else 0
             z, self.stats = self.deq(lambda zs: self.cell(zs, injection), z0, jac_probes=jac, predictor=predictor,
-                                     **inputs)
+                                     warm=warm, **inputs)
         return propagate_nonfinite(z, injection)
 
 
