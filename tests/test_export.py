@@ -11,7 +11,7 @@ import mdeq
 from mdeq.core import DEQ, budget_options
 from mdeq.core.norm import has_weight_norm
 from mdeq.export import (EXPORTABLE_SOLVERS, budget_reference, export_format, export_program, fixed_budget,
-                         save_exported)
+                         run_exported, save_exported)
 
 pytestmark = [pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning"),
               pytest.mark.filterwarnings("ignore:`torch.jit.trace.*` is deprecated:FutureWarning")]
@@ -261,3 +261,83 @@ def test_command_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         run(["mdeq_tiny.digits", "--output", str(tmp_path / "x.pt"), "--budget", "0"])
     assert "--budget must be at least 1" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- streaming
+def _video(frames=4, batch=2, size=SIZE):
+    """Slowly changing frames; stream 1's third frame has a NaN pixel."""
+    g = torch.Generator().manual_seed(3)
+    x = [torch.randn(batch, 3, size, size, generator=g)]
+    for _ in range(frames - 1):
+        x.append(x[-1] + 0.05 * torch.randn(batch, 3, size, size, generator=g))
+    x[2] = x[2].clone()
+    x[2][1, 0, 1, 1] = float("nan")
+    return x
+
+
+def _close_or_both_nan(a, b):
+    assert torch.equal(torch.isnan(a), torch.isnan(b))
+    torch.testing.assert_close(a.nan_to_num(0), b.nan_to_num(0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["anderson", "fixed_point", "skip", "skip_reg", "consistency"])
+def test_streaming_module_matches_mdeq_stream_frame_by_frame(models, method):
+    model, changes = _model(models, method), METHODS[method][1]
+    ref = copy.deepcopy(model)
+    ref.configure_deq(**changes)
+    eager = mdeq.stream(ref, **budget_options(ref.deq.options, 2))
+    net = fixed_budget(model, 2, stream=True, **changes)
+    frames = _video()
+    state, fresh = net.start(frames[0])
+    assert state.shape == (2, sum(t.numel() for t in model.fullstage.initial_state(
+        model.forward_stem(frames[0])[1])) // 2) and fresh.all()
+    with torch.no_grad():
+        for t, x in enumerate(frames):
+            if t == 3:  # a cut in stream 0
+                eager.reset([0])
+                fresh = fresh.clone()
+                fresh[0] = True
+            out, state, fresh = net(x, state, fresh)
+            _close_or_both_nan(out, eager(x))
+            _close_or_both_nan(state, torch.cat([z.flatten(1) for z in eager.state["fullstage"]], dim=1))
+            assert fresh.tolist() == eager.fresh.tolist() == [False, t == 2]
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pt2", ".onnx"])
+def test_streaming_files_carry_the_state(models, tmp_path, suffix):
+    if suffix == ".onnx":
+        pytest.importorskip("onnxscript")
+        pytest.importorskip("onnxruntime")
+    net = fixed_budget(models[()], 2, stream=True, solver="anderson")
+    frames = _video(frames=3)
+    state, fresh = net.start(frames[0])
+    path = save_exported(net, tmp_path / f"stream{suffix}", (frames[0], state, fresh))
+    file_state, file_fresh = state, fresh
+    with torch.no_grad():
+        for x in frames:
+            out, state, fresh = net(x, state, fresh)
+            file_out, file_state, file_fresh = run_exported(path, (x, file_state, file_fresh))
+            _close_or_both_nan(file_out, out)
+            _close_or_both_nan(file_state, state)
+            assert file_fresh.tolist() == fresh.tolist()
+    if suffix == ".onnx":
+        import onnx
+        graph = onnx.load(str(path)).graph
+        assert [i.name for i in graph.input] == ["images", "state", "fresh"]
+        assert [o.name for o in graph.output] == ["output", "next_state", "next_fresh"]
+
+
+def test_streaming_segmentation_module():
+    torch.manual_seed(0)
+    seg = mdeq.create_segmentation_model("mdeq_small", num_classes=3, num_channels=(8, 16, 32, 64), num_groups=4,
+                                         expansion_factor=2, num_layers=1).eval()
+    net = fixed_budget(seg, 2, stream=True, solver="fixed_point")
+    eager = mdeq.stream(seg, **budget_options({**seg.deq.options, "solver": "fixed_point"}, 2))
+    x = _images(2, size=32)
+    state, fresh = net.start(x)
+    with torch.no_grad():
+        for _ in range(2):
+            out, state, fresh = net(x, state, fresh)
+            assert out.shape == (2, 3, 8, 8)
+            _close_or_both_nan(out, eager(x))
+    assert "streaming" in repr(net)

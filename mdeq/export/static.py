@@ -20,13 +20,23 @@ What the DEQ core does on the host, the exported graph does with tensor ops:
 ``broyden`` and ``ode`` are refused. The module is a deep copy in eval mode with the weight norm folded into
 plain weights; the model's own forward runs around the static solve, so heads (classification, segmentation)
 are the model's.
+
+``fixed_budget(model, k, stream=True)`` is the streaming form (``mdeq.stream`` at the same budget): the previous
+equilibrium goes in and the new one comes out, packed as one (B, D) tensor, with a (B,) bool ``fresh`` flag per
+stream (True: start as the model does, zeros or the Skip DEQ prediction: the first frame, a cut, the frame after a
+non-finite one):
+
+    net = fixed_budget(model, 2, stream=True)
+    state, fresh = net.start(frames)                 # zeros, all fresh
+    for frames in video:
+        out, state, fresh = net(frames, state, fresh)  # fresh comes back True where a frame was not finite
 """
 from __future__ import annotations
 
 import copy
 import numbers
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -37,8 +47,8 @@ from mdeq.core.solvers import NORM_EPS
 from mdeq.models import MDEQBackbone
 from mdeq.models.layers import propagate_nonfinite
 
-__all__ = ["fixed_budget", "budget_reference", "FixedBudgetModel", "FixedBudgetStage", "BudgetPlan",
-           "EXPORTABLE_SOLVERS"]
+__all__ = ["fixed_budget", "budget_reference", "FixedBudgetModel", "FixedBudgetStream", "FixedBudgetStage",
+           "BudgetPlan", "EXPORTABLE_SOLVERS"]
 
 EXPORTABLE_SOLVERS = ("fixed_point", "anderson", "unroll", "consistency")
 _NOT_STATIC = {
@@ -77,12 +87,15 @@ class BudgetPlan:
         return f"{evals}: {self.solver}{what}"
 
 
-def fixed_budget(model: nn.Module, k: int, **changes: Any) -> "FixedBudgetModel":
+def fixed_budget(model: nn.Module, k: int, stream: bool = False, **changes: Any
+                 ) -> Union["FixedBudgetModel", "FixedBudgetStream"]:
     """``model`` at a budget of ``k`` f-evaluations as a plain module (images -> what the model returns).
 
     ``changes`` are ``configure_deq`` settings applied first (e.g. ``solver='fixed_point', init='skip_reg'``);
     the budget is then ``budget_options`` of the result. ``model`` itself is not modified. Raises ValueError for
     k < 1, a model that is not an MDEQ, and a solver without a static graph (the message names those that have).
+    ``stream=True``: a ``FixedBudgetStream`` ((frames, state, fresh) -> (output, state, fresh), see the module
+    docstring), what ``mdeq.stream(model, **budget_options(...))`` computes frame by frame.
     """
     net = _budget_copy(model, k, changes)
     stage = net.fullstage
@@ -91,7 +104,8 @@ def fixed_budget(model: nn.Module, k: int, **changes: Any) -> "FixedBudgetModel"
     stage.stats = None
     remove_weight_norm(net)  # safe on the copy: the model keeps its weight norm
     net.fullstage = FixedBudgetStage(stage, plan)
-    return FixedBudgetModel(net, plan).eval().requires_grad_(False)
+    wrapper = FixedBudgetStream if stream else FixedBudgetModel
+    return wrapper(net, plan).eval().requires_grad_(False)
 
 
 @torch.no_grad()
@@ -175,6 +189,53 @@ class FixedBudgetModel(nn.Module):
         return self.plan.describe()
 
 
+class FixedBudgetStream(nn.Module):
+    """An MDEQ at a fixed budget for video streams: (frames, state, fresh) -> (output, state, fresh).
+
+    ``state`` (B, D): each stream's equilibrium after its previous frame, the branch states packed (flattened and
+    concatenated, highest resolution first); ``fresh`` (B,) bool: streams that start as the model does instead
+    (zeros, or the Skip DEQ prediction). The returned ``fresh`` is True for streams whose frame or equilibrium was
+    not finite (their output is NaN), so the next frame restarts them, as ``mdeq.stream`` does. ``start(frames)``
+    gives the state and flags of a first frame. ONNX names: inputs ``images``, ``state``, ``fresh``; outputs
+    ``output``, ``next_state``, ``next_fresh``.
+    """
+
+    input_names = ("images", "state", "fresh")
+    output_names = ("output", "next_state", "next_fresh")
+
+    def __init__(self, net: nn.Module, plan: BudgetPlan):
+        super().__init__()
+        self.net = net
+        self.plan = plan
+
+    @property
+    def budget(self) -> int:
+        return self.plan.budget
+
+    @torch.no_grad()
+    def start(self, frames: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(zero state (B, D), fresh all True) for a batch of first frames."""
+        _, injection = self.net.forward_stem(frames)
+        state = _pack(self.net.fullstage.stage.initial_state(injection))
+        return state, torch.ones(frames.shape[0], dtype=torch.bool, device=frames.device)
+
+    def forward(self, images: torch.Tensor, state: torch.Tensor, fresh: torch.Tensor
+                ) -> Tuple[Any, torch.Tensor, torch.Tensor]:
+        _, injection = self.net.forward_stem(images)
+        stage = self.net.fullstage
+        zeros = stage.stage.initial_state(injection)
+        shapes = [tuple(t.shape[1:]) for t in zeros]
+        start = torch.where(fresh[:, None], torch.zeros_like(state), state)
+        zs = stage(injection, _unpack(start.to(zeros[0].dtype), shapes), warm=~fresh)
+        out = self.net.forward_states(zs)
+        new_state = _pack(zs)
+        bad = ~torch.isfinite(images).flatten(1).all(dim=1) | ~torch.isfinite(new_state).all(dim=1)
+        return out, new_state, bad
+
+    def extra_repr(self) -> str:
+        return self.plan.describe() + ", streaming"
+
+
 class FixedBudgetStage(nn.Module):
     """Stands in for ``MDEQStage``: injection -> branch states after the plan's k f-evaluations.
 
@@ -187,8 +248,10 @@ class FixedBudgetStage(nn.Module):
         self.plan = plan
         self.stats = None  # what the model's forward reads after a solve (no SolverStats here)
 
-    def forward(self, injection: torch.Tensor, z0: Optional[List[torch.Tensor]] = None) -> List[torch.Tensor]:
-        """Branch states; ``z0`` a warm start as for the model (zeros by default)."""
+    def forward(self, injection: torch.Tensor, z0: Optional[List[torch.Tensor]] = None,
+                warm: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
+        """Branch states; ``z0`` a warm start as for the model (zeros by default); ``warm`` (B,) bool: samples that
+        start from ``z0`` whatever the plan's ``init`` says (``mdeq.core.DEQ``'s ``warm``)."""
         p, stage = self.plan, self.stage
         if z0 is None:
             z0 = stage.initial_state(injection)
@@ -204,10 +267,13 @@ class FixedBudgetStage(nn.Module):
             return _pack(f_list(_unpack(v, shapes)))
 
         x = x.to(work)
+        guess = None
         if p.init == "skip":
-            x = _pack(stage.initializer(injection)).to(work)
+            guess = _pack(stage.initializer(injection)).to(work)
         elif p.init == "skip_reg":
-            x = f(x)
+            guess = f(x)
+        if guess is not None:
+            x = guess if warm is None else torch.where(warm[:, None], x, guess)
         if p.solver == "unroll":
             for _ in range(p.evals):
                 x = f(x)

@@ -388,6 +388,10 @@ class MDEQNet(MDEQBackbone):
             return zs
         return self._aggregate(zs)
 
+    def forward_states(self, zs: List[torch.Tensor]) -> torch.Tensor:
+        """What ``forward`` returns, from the branch equilibria (the head after the solve; streaming export)."""
+        return self.forward_head(self._aggregate(zs))
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.global_pool(x)
         x = self.head_drop(x)

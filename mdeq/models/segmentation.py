@@ -48,9 +48,13 @@ class MDEQSegNet(MDEQBackbone):
         """Branch equilibria upsampled to the highest resolution and concatenated; ``z0``: a warm start."""
         return self._concat(self.forward_equilibrium(x, z0))
 
+    def forward_states(self, zs: List[torch.Tensor]) -> torch.Tensor:
+        """What ``forward`` returns, from the branch equilibria (the head after the solve; streaming export)."""
+        return self.last_layer(self._concat(zs))
+
     def forward(self, x: torch.Tensor, z0: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
         """Logits at 1/2^downsample_times of the input resolution."""
-        logits = self.last_layer(self.forward_features(x, z0))
+        logits = self.forward_states(self.forward_equilibrium(x, z0))
         stats = self.deq_stats
         if stats is not None and stats.corrections:  # fixed-point correction (training)
             stats.aux_outputs = [self.last_layer(self._concat(c)) for c in stats.corrections]
