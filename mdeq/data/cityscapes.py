@@ -15,7 +15,7 @@ from .cityscapes_labels import (CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, IGNORE_I
 from .errors import DatasetLayoutError
 from .segmentation import SegmentationDataset, allowed_values, existing_dirs, read_label_file
 
-__all__ = ["CityscapesDataset", "cityscapes_layout_help", "LABEL_SUFFIXES"]
+__all__ = ["CityscapesDataset", "cityscapes_layout_help", "read_cityscapes_label", "LABEL_SUFFIXES"]
 
 PathLike = Union[str, Path]
 LABEL_SUFFIXES = {"labelIds": "_gtFine_labelIds.png", "labelTrainIds": "_gtFine_labelTrainIds.png"}
@@ -32,6 +32,19 @@ def cityscapes_layout_help(root: PathLike) -> str:
         "(splits: train, val, test; labelIds hold the official ids 0..33 and are mapped to the 19 train ids, "
         "labelTrainIds hold 0..18 and 255)"
     )
+
+
+_LUT = label_id_to_train_id()
+_OK_IDS = allowed_values(VALID_LABEL_IDS)
+_OK_TRAIN_IDS = allowed_values(list(range(len(CITYSCAPES_CLASSES))) + [IGNORE_INDEX])
+
+
+def read_cityscapes_label(path: PathLike) -> np.ndarray:
+    """A gtFine label file as train ids (uint8 H x W): ``*_labelTrainIds.png`` checked as 0..18 and 255, any other
+    (``*_labelIds.png``) checked as the official ids 0..33 and mapped; a wrong value names the file."""
+    if str(path).endswith(LABEL_SUFFIXES["labelTrainIds"]):
+        return read_label_file(path, _OK_TRAIN_IDS, "Cityscapes train ids 0..18 and 255 = ignore")
+    return _LUT[read_label_file(path, _OK_IDS, "official Cityscapes label ids 0..33")]
 
 
 class CityscapesDataset(SegmentationDataset):
@@ -93,13 +106,8 @@ class CityscapesDataset(SegmentationDataset):
                 + cityscapes_layout_help(root))
         super().__init__(CITYSCAPES_CLASSES, samples, image_dir, transform=transform, ignore_index=IGNORE_INDEX,
                          palette=CITYSCAPES_PALETTE.copy())
-        self._lut = label_id_to_train_id()
-        self._ok_ids = allowed_values(VALID_LABEL_IDS)
-        self._ok_train_ids = allowed_values(list(range(self.num_classes)) + [IGNORE_INDEX])
 
     def read_label(self, index: int) -> np.ndarray:
         path = self.samples[index][1]
         assert path is not None
-        if path.endswith(LABEL_SUFFIXES["labelTrainIds"]):
-            return read_label_file(path, self._ok_train_ids, "Cityscapes train ids 0..18 and 255 = ignore")
-        return self._lut[read_label_file(path, self._ok_ids, "official Cityscapes label ids 0..33")]
+        return read_cityscapes_label(path)

@@ -4,8 +4,11 @@
   once into a cache) or anything else with ``data.root`` an ImageFolder root (``imagefolder``, ``cifar10``, your
   own). A new builtin is a function that writes its ImageFolder tree and returns the root, registered here, plus
   its config in ``mdeq/configs/data/``.
-* Segmentation: ``"cityscapes"`` (the official layout), ``"folder"`` (images/ + masks/) or ``"synthetic"`` (the
-  generated street scenes, built once into a cache).
+* Segmentation: ``"cityscapes"`` (the official layout), ``"folder"`` (images/ + masks/), ``"synthetic"`` (the
+  generated street scenes, built once into a cache) or ``"synthetic_video"`` (the generated video's frames as stills).
+* Video segmentation: ``"synthetic_video"`` (generated street-scene clips in the Cityscapes sequence layout, built
+  once into a cache), ``"cityscapes_sequence"`` (the official ``leftImg8bit_sequence`` layout) or ``"video_folder"``
+  (one folder of frames per video, optional masks).
 
 Builtins are prepared by one process first when several run (``env``: anything with ``is_main`` and
 ``barrier()``, such as ``mdeq.engine.distributed.DistEnv``); the others then read the complete cache.
@@ -20,13 +23,17 @@ from .classification import ImageFolderDataset, build_imagefolder_datasets, find
 from .digits import prepare_digits
 from .segmentation import FolderPairDataset, SegmentationDataset
 from .synthetic_seg import prepare_synthetic_cityscapes
+from .synthetic_video import prepare_synthetic_video
+from .video import CityscapesSequenceDataset, FrameFolderDataset, VideoSegmentationDataset
 
 __all__ = ["CLASSIFICATION_BUILTINS", "SEGMENTATION_DATASETS", "classification_root", "build_classification_datasets",
-           "build_classification_split", "build_segmentation_dataset", "build_segmentation_datasets"]
+           "build_classification_split", "build_segmentation_dataset", "build_segmentation_datasets",
+           "VIDEO_DATASETS", "build_video_dataset"]
 
 PathLike = Union[str, Path]
 CLASSIFICATION_BUILTINS: Dict[str, Callable[[Optional[PathLike]], Path]] = {"digits": prepare_digits}
-SEGMENTATION_DATASETS = ("cityscapes", "folder", "synthetic")
+SEGMENTATION_DATASETS = ("cityscapes", "folder", "synthetic", "synthetic_video")
+VIDEO_DATASETS = ("synthetic_video", "cityscapes_sequence", "video_folder")
 
 
 def _prepare_once(prepare: Callable[[], Any], env: Any = None) -> Any:
@@ -74,8 +81,10 @@ def build_classification_split(data_cfg: Mapping[str, Any], split: str, transfor
 def build_segmentation_dataset(name: str, root: Optional[PathLike], split: str, transform=None,
                                classes: Optional[Sequence[str]] = None, require_labels: bool = True,
                                label_type: str = "auto") -> SegmentationDataset:
-    """One split of "cityscapes" (official layout), "folder" (``FolderPairDataset``) or "synthetic" (the
-    generated Cityscapes-layout set, built once under ``root`` or the default cache when ``root`` is None)."""
+    """One split of "cityscapes" (official layout), "folder" (``FolderPairDataset``), "synthetic" (the
+    generated Cityscapes-layout set, built once under ``root`` or the default cache when ``root`` is None) or
+    "synthetic_video" (every frame of the generated video clips as a still image: what a model that streams them is
+    trained on)."""
     if name not in SEGMENTATION_DATASETS:
         raise ValueError(f"unknown segmentation dataset {name!r}; choices: {list(SEGMENTATION_DATASETS)}")
     if name == "folder":
@@ -86,6 +95,9 @@ def build_segmentation_dataset(name: str, root: Optional[PathLike], split: str, 
         return FolderPairDataset(root, split, classes=classes, transform=transform, require_labels=require_labels)
     if classes is not None:
         raise ValueError(f"the {name!r} dataset has the fixed 19 Cityscapes classes; classes= is for 'folder'")
+    if name == "synthetic_video":
+        return build_video_dataset(name, root, split, transform=transform, label_type=label_type,
+                                   require_labels=require_labels).frame_table
     if name == "synthetic":
         root = prepare_synthetic_cityscapes(root)
     elif root is None:
@@ -101,8 +113,36 @@ def build_segmentation_datasets(data_cfg: Mapping[str, Any], env: Any = None
     name, root = data_cfg["name"], data_cfg.get("root")
     if name == "synthetic":  # generated once; the main process writes, the others wait and read
         _prepare_once(lambda: prepare_synthetic_cityscapes(root), env)
+    elif name == "synthetic_video":
+        _prepare_once(lambda: prepare_synthetic_video(root), env)
     train = build_segmentation_dataset(name, root, data_cfg.get("train_split", "train"), **kwargs)
     val = build_segmentation_dataset(name, root, data_cfg.get("val_split", "val"), **kwargs)
     if list(val.classes) != list(train.classes):
         raise ValueError(f"the val split's classes {val.classes} differ from the train split's {train.classes}")
     return train, val
+
+
+# ------------------------------------------------------------------------------------------------ video
+def build_video_dataset(name: str, root: Optional[PathLike], split: str, transform=None,
+                        classes: Optional[Sequence[str]] = None, label_type: str = "auto", require_labels: bool = True,
+                        env: Any = None) -> VideoSegmentationDataset:
+    """One split of "synthetic_video" (the generated clips, built once under ``root`` or the default cache when
+    ``root`` is None; the main process writes first under DDP), "cityscapes_sequence"
+    (``CityscapesSequenceDataset``) or "video_folder" (``FrameFolderDataset``; ``require_labels``: every video
+    has at least one mask)."""
+    if name not in VIDEO_DATASETS:
+        raise ValueError(f"unknown video dataset {name!r}; choices: {list(VIDEO_DATASETS)}")
+    if name == "video_folder":
+        if root is None:
+            raise ValueError("the 'video_folder' dataset needs a root folder (images/<split>/<video>/<frame>)")
+        if label_type != "auto":
+            raise ValueError(f"label_type={label_type!r} applies to Cityscapes only, not to the 'video_folder' dataset")
+        return FrameFolderDataset(root, split, classes=classes, transform=transform, require_labels=require_labels)
+    if classes is not None:
+        raise ValueError(f"the {name!r} dataset has the fixed 19 Cityscapes classes; classes= is for 'video_folder'")
+    if name == "synthetic_video":
+        root = _prepare_once(lambda: prepare_synthetic_video(root), env)
+    elif root is None:
+        raise ValueError("the 'cityscapes_sequence' dataset needs a root folder (holding leftImg8bit_sequence/)")
+    return CityscapesSequenceDataset(root, split, transform=transform, label_type=label_type,
+                                     require_labels=require_labels)

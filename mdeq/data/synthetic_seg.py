@@ -21,7 +21,7 @@ from PIL import Image
 from .cache import build_once, data_cache_dir
 from .cityscapes_labels import LABELS, label_id_to_train_id
 
-__all__ = ["make_synthetic_cityscapes", "prepare_synthetic_cityscapes", "default_synthetic_root",
+__all__ = ["class_colors", "make_synthetic_cityscapes", "prepare_synthetic_cityscapes", "default_synthetic_root",
            "SYNTHETIC_VERSION", "SYNTHETIC_SPLITS", "SYNTHETIC_SIZE"]
 
 SYNTHETIC_VERSION = 1  # bump when the generator's output changes; the cache folder is versioned
@@ -32,13 +32,21 @@ SYNTHETIC_SIZE = (128, 256)
 UNLABELED, EGO, OUT_OF_ROI, STATIC, GROUND = 0, 1, 3, 4, 6
 ROAD, SIDEWALK, BUILDING, POLE, VEGETATION, SKY, PERSON, CAR = 7, 8, 11, 17, 21, 23, 24, 26
 
-_COLORS = np.zeros((256, 3), dtype=np.float32)
-for _c in LABELS:
-    if _c.id >= 0:
-        _COLORS[_c.id] = _c.color
-# void classes are black in the official table; give them distinct grey-ish tones so they are not all alike
-_COLORS[[UNLABELED, EGO, OUT_OF_ROI, STATIC, GROUND]] = [(96, 96, 96), (40, 40, 46), (22, 22, 22),
-                                                          (128, 118, 108), (104, 88, 100)]
+
+
+def class_colors() -> np.ndarray:
+    """float32 (256, 3): the official Cityscapes colour per label id; the void ids (black in the official table) get
+    distinct grey-ish tones so they are not all alike. The generated stills and videos share it."""
+    colors = np.zeros((256, 3), dtype=np.float32)
+    for c in LABELS:
+        if c.id >= 0:
+            colors[c.id] = c.color
+    colors[[UNLABELED, EGO, OUT_OF_ROI, STATIC, GROUND]] = [(96, 96, 96), (40, 40, 46), (22, 22, 22),
+                                                            (128, 118, 108), (104, 88, 100)]
+    return colors
+
+
+_COLORS = class_colors()
 
 
 def _rect(lab: np.ndarray, y0: float, y1: float, x0: float, x1: float, value: int) -> None:
