@@ -1,5 +1,5 @@
 """Benchmarks of mdeq-zoo. Usage: python -m mdeq.cli.benchmark (or tools/benchmark.py)
-{solvers,models,train,seg,budget,cell,owndata}
+{solvers,models,train,seg,budget,cell,owndata,stream}
 [options] [--out DIR]
 
 cell      the time of one MDEQ cell evaluation, eager NCHW (the original's path) against channels-last, the
@@ -22,6 +22,11 @@ owndata   the README's own-data command on real image sets (the digits, MNIST 5k
           explicit baselines (resnet18, hrnet_w18_small, a small CNN) trained by the same command, at 3 epochs and
           the default count: val top-1, training seconds, parameters (owndata.md/.json; runs under
           <out>/owndata_runs/, reused unless --retrain; see mdeq/benchmarks/own_data/)
+stream    video segmentation with the equilibrium carried from frame to frame (mdeq.stream) against from-scratch
+          solves, on the generated street-scene video: mdeq_small trained by the default, penalty and fast recipes,
+          streamed and from scratch at 1, 2, 4 f-evaluations per frame and from scratch at the official tolerance:
+          mIoU, f-evaluations and ms per frame, mIoU after a scene cut (stream.md/.json; runs under
+          <out>/stream_runs/, reused unless --retrain; see mdeq/benchmarks/streaming.py)
 """
 import argparse
 import shlex
@@ -34,6 +39,7 @@ from mdeq.benchmarks import models as model_bench
 from mdeq.benchmarks import own_data as own_data_bench
 from mdeq.benchmarks import segmentation as seg_bench
 from mdeq.benchmarks import solvers as solver_bench
+from mdeq.benchmarks import streaming as stream_bench
 from mdeq.benchmarks import training as train_bench
 from mdeq.cli.common import reported_errors
 from mdeq.engine.weights import read_state_dict
@@ -135,6 +141,13 @@ def _main(argv=None) -> int:
                    help="epoch counts (default: 3 and the own-data default)")
     o.add_argument("--retrain", action="store_true", help="train again (default: reuse finished runs)")
     o.add_argument("--out", type=Path, default=Path("results/benchmarks"))
+    v = sub.add_parser("stream", help="video: streamed vs from-scratch solves per frame, after scene cuts")
+    v.add_argument("--recipes", nargs="+", choices=list(stream_bench.RECIPES), default=list(stream_bench.RECIPES),
+                   help="training recipes to compare (default: all)")
+    v.add_argument("--budgets", nargs="+", type=int, default=list(stream_bench.BUDGETS),
+                   help="f-evaluations per frame (default: 1 2 4)")
+    v.add_argument("--retrain", action="store_true", help="train again (default: reuse finished runs)")
+    v.add_argument("--out", type=Path, default=Path("results/benchmarks"))
     args = parser.parse_args(argv)
 
     if args.command == "cell":
@@ -250,6 +263,14 @@ def _main(argv=None) -> int:
         print(f"wrote {paths['json']} and {paths['markdown']}")
         if any(r.get("error") for r in result["rows"]):
             return 1
+    elif args.command == "stream":
+        if any(b < 1 for b in args.budgets):
+            parser.error("--budgets must be at least 1")
+        result = stream_bench.run(args.recipes, args.budgets, args.out.resolve() / "stream_runs", retrain=args.retrain)
+        paths = stream_bench.save(result, args.out)
+        print()
+        print(stream_bench.to_markdown(result))
+        print(f"wrote {paths[0]} and {paths[1]}")
     return 0
 
 

@@ -6,6 +6,8 @@
     python tools/eval_seg.py best.pth --data-root /data/cityscapes --scales 0.5 0.75 1 1.25 1.5 1.75 --flip
     python tools/eval_seg.py best.pth --data-root /data/cityscapes --split test --save-predictions preds/
     torchrun --nproc_per_node=4 tools/eval_seg.py best.pth --data-root /data/cityscapes
+    python tools/eval_seg.py best.pth --dataset synthetic_video --stream --budget 1 2 4       # video, streamed
+    python tools/eval_seg.py best.pth --dataset cityscapes_sequence --data-root /data/cityscapes --stream
 
 The source is a ``train_seg`` checkpoint, a weights file (safetensors, a state dict, or a released official
 MDEQ Cityscapes checkpoint, converted on the fly; the preset is inferred unless --model is given) or a
@@ -13,21 +15,29 @@ published tag. mIoU is the mean over classes of IoU = TP / (TP + FP + FN) from o
 the whole split; a class absent from both the labels and the predictions is left out of the mean (n/a).
 ``--save-predictions DIR`` writes one PNG per image under DIR/<city>/<image name>.png: Cityscapes labelIds
 (what the official evaluation server takes) for Cityscapes data, class indices for other datasets.
-The work is ``mdeq.engine.segmentation_eval.evaluate_segmentation_source``.
+
+Video (``--dataset synthetic_video | cityscapes_sequence | video_folder``): ``--stream`` runs each clip through
+``mdeq.stream`` (every frame's solve starts from the previous frame's equilibrium) at each per-frame ``--budget`` of
+f-evaluations, against the same model solving every frame from scratch at that budget and at the preset's official
+tolerance; it reports mIoU on the annotated frames, f-evaluations and ms per frame, and mIoU against the frames
+since a scene cut (``video.json``, ``video.md``). Without ``--stream`` a video set is solved frame by frame from
+scratch. The work is ``mdeq.engine.segmentation_eval.evaluate_segmentation_source`` and ``evaluate_video_source``.
 """
 import argparse
 import sys
 
 from mdeq.cli.common import (add_job_flags, add_solver_flags, exit_code_main, output_folder, run_distributed,
                              solver_changes)
-from mdeq.engine.segmentation_eval import evaluate_segmentation_source
+from mdeq.data.factory import SEGMENTATION_DATASETS, VIDEO_DATASETS
+from mdeq.engine.segmentation_eval import evaluate_segmentation_source, evaluate_video_source
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("source", help="train_seg checkpoint, weights file, or published tag (mdeq_small.<tag>)")
-    p.add_argument("--dataset", choices=["cityscapes", "folder", "synthetic"],
-                   help="dataset layout (default: the checkpoint's, else cityscapes)")
+    p.add_argument("--dataset", choices=sorted(set(SEGMENTATION_DATASETS) | set(VIDEO_DATASETS)),
+                   help="dataset layout (default: the checkpoint's, else cityscapes); video sets: "
+                        f"{', '.join(VIDEO_DATASETS)}")
     p.add_argument("--data-root", help="dataset root (default: the checkpoint's)")
     p.add_argument("--split", default="val")
     p.add_argument("--classes", nargs="+", help="class names of a folder dataset (default: <root>/classes.txt)")
@@ -45,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                    help="add horizontally flipped passes (default: the run's setting, else no)")
     add_solver_flags(p)
+    v = p.add_argument_group("video (a video --dataset)")
+    v.add_argument("--stream", action="store_true", help="carry each clip's equilibrium from frame to frame "
+                   "(mdeq.stream) and compare with from-scratch solves")
+    v.add_argument("--budget", type=int, nargs="+", default=[2], metavar="K",
+                   help="f-evaluations per frame of the --stream comparison (default: 2)")
+    v.add_argument("--streams", type=int, default=1, help="clips run side by side, one stream each (default: 1)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--amp", choices=["bfloat16", "float16"], help="autocast dtype (the solver stays in float32)")
     p.add_argument("--save-predictions", metavar="DIR", help="write the predicted label PNGs here")
@@ -58,6 +74,20 @@ def run(argv=None) -> dict:
     args = parser.parse_args(argv)
     changes = solver_changes(parser, args)
     inference = dict(mode=args.mode, window=args.window, stride=args.stride, scales=args.scales, flip=args.flip)
+    video_only = set(VIDEO_DATASETS) - set(SEGMENTATION_DATASETS)
+    if args.stream or args.dataset in video_only:
+        if args.stream and args.dataset not in VIDEO_DATASETS:
+            parser.error(f"--stream needs a video --dataset ({', '.join(VIDEO_DATASETS)})")
+        if any(b < 1 for b in args.budget) or args.streams < 1:
+            parser.error("--budget values and --streams must be >= 1")
+        if args.mode == "slide" or args.scales or args.flip or args.save_predictions:
+            parser.error("video evaluation runs one whole-frame pass per frame (a stream keeps one state per frame): "
+                         "--mode slide, --scales, --flip and --save-predictions do not apply")
+        return run_distributed(args.device, lambda env: evaluate_video_source(
+            args.source, env, output_folder("eval_seg", args.output, env), dataset=args.dataset,
+            data_root=args.data_root, split=args.split, classes=args.classes, label_type=args.label_type,
+            model_name=args.model, use_ema=args.ema, solver_changes=changes, streaming=args.stream,
+            budgets=args.budget, streams=args.streams, progress=not args.no_progress))
 
     return run_distributed(args.device, lambda env: evaluate_segmentation_source(
         args.source, env, output_folder("eval_seg", args.output, env), dataset=args.dataset, data_root=args.data_root,

@@ -4,5 +4,6 @@ Rooms: ``factory`` (which dataset a config names), ``loaders`` (seeded, resumabl
 dataset), ``classification`` (ImageFolder + timm transforms), ``digits`` (the bundled digits), ``segmentation``
 (the segmentation dataset base, image/mask folders, albumentations transforms, label-map files),
 ``cityscapes_labels`` (the label table), ``cityscapes`` (the official layout), ``synthetic_seg`` (generated
-street scenes), ``errors``.
+street scenes), ``video`` (video clips: the Cityscapes sequence and frame-folder layouts, parallel streams),
+``synthetic_video`` (generated street-scene video with cuts), ``errors``.
 """

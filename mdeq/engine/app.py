@@ -134,7 +134,7 @@ def run_segmentation(cfg: DictConfig) -> Dict[str, Any]:
     config = plain_config(cfg)
     check_config(config)
     check_task(config, "segmentation")
-    if config.get("recipe") == "synthetic_seg" and config["data"].get("name") != "synthetic":
+    if config.get("recipe") == "synthetic_seg" and config["data"].get("name") not in ("synthetic", "synthetic_video"):
         raise SystemExit(
             "experiment=synthetic_seg (the default) is the recipe of the bundled generated data and would be applied "
             f"to data={config['data'].get('name')}; choose an experiment (mdeq/configs/experiment/, e.g. "

@@ -1,6 +1,7 @@
-"""The segmentation evaluation job behind ``eval_seg``: a model from what the user points at, the dataset
+"""The segmentation evaluation jobs behind ``eval_seg``: a model from what the user points at, the dataset
 (the run's, or one named on the command line), whole / sliding-window / multi-scale + flip inference, one
-confusion matrix over the split; ``eval.json``, ``iou.md`` and optionally the predicted label PNGs."""
+confusion matrix over the split; ``eval.json``, ``iou.md`` and optionally the predicted label PNGs. On video
+(``evaluate_video_source``): streamed against from-scratch solves, ``video.json`` and ``video.md``."""
 from __future__ import annotations
 
 import json
@@ -10,16 +11,18 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 import numpy as np
 
 from ..data.cityscapes_labels import to_label_ids
-from ..data.factory import build_segmentation_dataset
+from ..data.factory import VIDEO_DATASETS, build_segmentation_dataset, build_video_dataset
 from ..data.loaders import build_eval_loader
 from ..data.segmentation import build_seg_eval_transform, collate_same_size, save_label_png
+from ..models import SEG_PRESETS
 from .amp import amp_dtype
 from .checkpoint import plain_data
 from .distributed import DistEnv, main_print
 from .model_source import load_segmentation_model_for_eval
 from .seg_inference import build_inference, evaluate_segmentation
+from .video_eval import compare_video, evaluate_video, video_table
 
-__all__ = ["evaluate_segmentation_source", "inference_settings"]
+__all__ = ["evaluate_segmentation_source", "evaluate_video_source", "inference_settings", "reference_settings"]
 
 
 def inference_settings(run_cfg: Optional[Mapping[str, Any]], mode: Optional[str] = None,
@@ -61,7 +64,7 @@ def evaluate_segmentation_source(source: str, env: DistEnv, output_dir: Path, da
     run_data = dict((loaded.config or {}).get("data") or {})
     name = dataset or run_data.get("name") or "cityscapes"
     root = data_root or run_data.get("root")
-    if root is None and name != "synthetic":
+    if root is None and name not in ("synthetic", "synthetic_video"):
         raise SystemExit("--data-root is required (a Cityscapes root, or an images/ + masks/ folder with --dataset "
                          "folder)")
     classes = classes or (loaded.classes if name == "folder" else None) or run_data.get("classes")
@@ -88,7 +91,7 @@ def evaluate_segmentation_source(source: str, env: DistEnv, output_dir: Path, da
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
     save_dir = Path(save_predictions) if save_predictions else None
-    to_ids = name in ("cityscapes", "synthetic")
+    to_ids = name in ("cityscapes", "synthetic", "synthetic_video")
 
     def save(indices, images, masks, pred) -> None:
         for i, p in zip(indices, pred.cpu().numpy().astype(np.uint8)):
@@ -126,3 +129,63 @@ def evaluate_segmentation_source(source: str, env: DistEnv, output_dir: Path, da
 
 def _num(v: float):
     return v if v == v else None  # NaN (a class absent from labels and predictions) -> null in JSON
+
+
+def reference_settings(model: Any, arch: Optional[str]) -> Dict[str, Any]:
+    """The from-scratch reference of a video evaluation: the preset's official thresholds and tolerance
+    (``max_iter``, ``tol``, ``stop_mode`` of ``SEG_PRESETS[arch].deq``; the model's own config for another
+    architecture) on the model's solver."""
+    source = SEG_PRESETS[arch].deq if arch in SEG_PRESETS else model.cfg.deq
+    return {k: source[k] for k in ("max_iter", "tol", "stop_mode") if k in source}
+
+
+def evaluate_video_source(source: str, env: DistEnv, output_dir: Path, dataset: str = "synthetic_video",
+                          data_root: Optional[str] = None, split: str = "val", classes: Optional[Sequence[str]] = None,
+                          label_type: Optional[str] = None, model_name: Optional[str] = None, use_ema: bool = False,
+                          solver_changes: Optional[Mapping[str, Any]] = None, streaming: bool = True,
+                          budgets: Sequence[int] = (2,), streams: int = 1, progress: bool = True,
+                          say: Optional[Callable[..., None]] = None) -> Dict[str, Any]:
+    """Evaluate ``source`` on a video set (``VIDEO_DATASETS``). ``streaming``: the comparison of
+    ``video_eval.compare_video`` (streamed and from scratch at each per-frame budget, from scratch at the official
+    tolerance); otherwise every frame from scratch at the model's settings (with ``solver_changes``). Writes
+    ``video.json`` and ``video.md`` to ``output_dir``; returns the result."""
+    say = say or main_print(env)
+    if env.distributed:
+        raise SystemExit("video evaluation runs in one process (a stream is a sequence): run it without torchrun")
+    if dataset not in VIDEO_DATASETS:
+        raise SystemExit(f"--dataset {dataset!r} is not a video set; video sets: {', '.join(VIDEO_DATASETS)}")
+    loaded = load_segmentation_model_for_eval(source, model_name, use_ema=use_ema)
+    model = loaded.model.to(env.device).eval()
+    if solver_changes:
+        model.configure_deq(**solver_changes)
+    data_cfg = loaded.data_cfg or {}
+    transform = build_seg_eval_transform(**{k: tuple(data_cfg[k]) for k in ("mean", "std") if data_cfg.get(k)})
+    run_data = dict((loaded.config or {}).get("data") or {})
+    classes = classes or (loaded.classes if dataset == "video_folder" else None) or run_data.get("classes")
+    try:
+        data = build_video_dataset(dataset, data_root, split, transform=transform, classes=classes,
+                                   label_type=label_type or "auto", env=env)
+    except Exception as e:
+        raise SystemExit(f"{type(e).__name__}: {e}") from e
+    if data.num_classes != model.num_classes:
+        raise SystemExit(f"the dataset has {data.num_classes} classes but the model predicts {model.num_classes}")
+    reference = reference_settings(model, loaded.arch)
+    if streaming:
+        runs = compare_video(model, data, budgets, reference, streams=streams, device=env.device,
+                             progress=progress, say=say)
+    else:
+        runs = [evaluate_video(model, data, streaming=False, streams=streams, device=env.device, name="scratch",
+                               progress=progress)]
+        say(video_table(runs))
+    table = video_table(runs)
+    result = dict(source=source, description=loaded.description, arch=loaded.arch, dataset=dataset,
+                  data_root=str(data_root) if data_root else None, split=split, clips=len(data.clips),
+                  streams=streams, budgets=list(budgets) if streaming else None, reference=reference,
+                  solver=plain_data(model.deq.options), runs=[r.as_dict() for r in runs])
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "video.json").write_text(json.dumps(result, indent=2, default=_num) + "\n")
+    (out / "video.md").write_text(table + "\n")
+    say(table)
+    say(f"results: {out / 'video.json'}")
+    return result

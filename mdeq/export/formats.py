@@ -62,7 +62,7 @@ def save_exported(module: nn.Module, path: Union[str, Path], example: Inputs, fm
         with torch.no_grad():
             if fmt == "onnx":
                 with warnings.catch_warnings():  # inputs sharing the batch dimension is what is meant
-                    warnings.filterwarnings("ignore", "The axis name: batch will not be used", UserWarning)
+                    warnings.filterwarnings("ignore", r".*The axis name: batch will not be used", UserWarning)
                     program = torch.onnx.export(module, example, dynamo=True,
                                                 input_names=list(getattr(module, "input_names", ("images",))),
                                                 output_names=list(getattr(module, "output_names", ("output",))),

@@ -9,7 +9,7 @@ this package's), ``identify`` (which preset a state dict is), ``pretrained`` (ca
 pretrained cfgs). A new preset is an entry in ``config`` plus its ``@register_model`` function in ``mdeq``.
 """
 from .config import CLS_PRESETS, SEG_PRESETS, MDEQConfig, official_solver, official_solver_of, preset_solver
-from .control import configure_deq, deq_stats, find_mdeqs, set_jac_probes
+from .control import configure_deq, configured_deq, deq_stats, find_mdeqs, set_jac_probes
 from .convert import (StateDictMismatch, convert_official_state_dict, describe_mismatch, is_official_state_dict,
                       load_converted, state_shapes, to_official_state_dict)
 from .features import MDEQFeatures
@@ -24,6 +24,6 @@ __all__ = [
     "create_segmentation_model", "list_segmentation_models", "convert_official_state_dict",
     "to_official_state_dict", "is_official_state_dict", "infer_preset", "build_preset", "load_converted",
     "StateDictMismatch", "state_shapes", "describe_mismatch", "official_solver", "official_solver_of",
-    "preset_solver", "configure_deq", "deq_stats", "find_mdeqs", "set_jac_probes", "MDEQFeatures", "MDEQStream",
+    "preset_solver", "configure_deq", "configured_deq", "deq_stats", "find_mdeqs", "set_jac_probes", "MDEQFeatures", "MDEQStream",
     "stream",
 ]

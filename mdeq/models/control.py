@@ -15,15 +15,16 @@ Both key their answer by the stage's path in ``module`` (``''`` when ``module`` 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, Optional
 
 from torch import nn
 
 from mdeq.core import DEQ, SolverStats
 
-__all__ = ["find_mdeqs", "require_mdeqs", "stage_deq", "check_deq_changes", "configure_deq", "deq_stats",
-           "set_jac_probes"]
+__all__ = ["find_mdeqs", "require_mdeqs", "stage_deq", "check_deq_changes", "configure_deq", "configured_deq",
+           "deq_stats", "set_jac_probes"]
 
 
 def stage_deq(module: nn.Module) -> Optional[DEQ]:
@@ -61,6 +62,15 @@ def configure_deq(module: nn.Module, **options: Any) -> Dict[str, DEQ]:
     """
     stages = check_deq_changes(module, **options)
     return {name: stage_deq(stage).configure(**options) for name, stage in stages.items()}
+
+
+@contextlib.contextmanager
+def configured_deq(module: nn.Module, **options: Any) -> Iterator[Dict[str, DEQ]]:
+    """``configure_deq(module, **options)`` inside the ``with`` block only (``DEQ.temporarily`` on every stage):
+    each MDEQ's own settings come back exactly afterwards. Validated first, like ``configure_deq``."""
+    stages = check_deq_changes(module, **options)
+    with contextlib.ExitStack() as stack:
+        yield {name: stack.enter_context(stage_deq(stage).temporarily(**options)) for name, stage in stages.items()}
 
 
 def check_deq_changes(module: nn.Module, **options: Any) -> Dict[str, nn.Module]:

@@ -14,7 +14,7 @@ How: forward hooks on every equilibrium stage of the model (``find_mdeqs``), att
 hand the stage each stream's previous equilibrium as its start ``z0`` with ``warm`` set for the streams that have
 one; a stream's first frame (and the first after ``reset``) starts as the model does (zeros, or the Skip DEQ
 prediction: ``DEQ``'s ``warm`` mask), and the stage's output becomes that stream's state. The per-frame settings
-(``deq_options``) apply during the frame only (``DEQ.temporarily``), so the model's own settings stay. Frames run
+(``deq_options``) apply during the frame only (``configured_deq``), so the model's own settings stay. Frames run
 under ``no_grad`` in eval mode: no autograd graph is kept from frame to frame.
 
 Faults: a frame that is not finite (or whose equilibrium is not) gives that stream a NaN output (as the model
@@ -32,7 +32,7 @@ from torch import nn
 
 from mdeq.core import SolverStats
 
-from .control import check_deq_changes, stage_deq
+from .control import check_deq_changes, configured_deq
 
 __all__ = ["MDEQStream", "stream"]
 
@@ -93,7 +93,7 @@ class MDEQStream:
         if m.dtype.is_floating_point or m.dim() > 1:
             raise ValueError(f"reset(mask) takes a (B,) bool mask or stream indices, got {m.dtype} of shape "
                              f"{tuple(m.shape)}")
-        idx = m.reshape(-1).long()
+        idx = m.reshape(-1).long().cpu()
         if idx.numel() and (idx.min() < -n or idx.max() >= n):
             raise ValueError(f"reset(mask): stream indices must be in [0, {n}), got {idx.tolist()}")
         out = torch.zeros(n, dtype=torch.bool)
@@ -122,8 +122,8 @@ class MDEQStream:
         new_state: Dict[str, List[torch.Tensor]] = {}
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.no_grad())
+            stack.enter_context(configured_deq(self.model, **self.deq_options))
             for name, stage in self.stages.items():
-                stack.enter_context(stage_deq(stage).temporarily(**self.deq_options))
                 stack.enter_context(_hooked(stage, self._start_hook(name, fresh, calls),
                                             self._end_hook(name, new_state)))
             out = self.model(frames)

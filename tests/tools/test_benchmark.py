@@ -211,3 +211,45 @@ def test_own_data_benchmark_trains_each_variant_by_the_own_data_command_and_reus
     assert (tmp_path / "out" / "owndata_runs" / "tiny" / "defaults_e1" / "metrics.json").stat().st_mtime_ns == stamp
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps not-installed-package"):
         package_file("not-installed-package", "mdeq_no_such_module", "data/x.csv")
+
+
+def test_stream_benchmark_trains_measures_and_reuses_runs(tmp_path, monkeypatch):
+    """The streaming comparison with one tiny recipe on a tiny generated video: streamed and from-scratch runs at the
+    budget, both references, the after-cut table and the recovery count; a second invocation trains nothing."""
+    from mdeq.benchmarks import streaming
+    from mdeq.data import synthetic_video
+
+    monkeypatch.setenv("MDEQ_DATA", str(tmp_path / "cache"))
+    monkeypatch.setattr(synthetic_video, "SYNTHETIC_VIDEO_SPLITS", {"train": 1, "val": 2})
+    monkeypatch.setattr(synthetic_video, "SYNTHETIC_VIDEO_FRAMES", 4)
+    monkeypatch.setattr(synthetic_video, "SYNTHETIC_VIDEO_SHOTS", 2)
+    monkeypatch.setattr(synthetic_video, "SYNTHETIC_VIDEO_SIZE", (32, 64))
+    monkeypatch.setattr(streaming, "COMMON", (
+        "data=synthetic_video", "train.epochs=1", "schedule.pretrain_steps=1", "data.workers=0", "data.batch_size=2",
+        "data.crop_size=[32,64]", "train.precise_bn_batches=1", "train.log_images=0",
+        "++model.kwargs={num_channels:[8,16,32,64],expansion_factor:2,num_groups:4,dropout:0.0}"))
+    tool = _load_tool()
+    args = ["stream", "--recipes", "plain", "--budgets", "1", "--out", str(tmp_path / "out")]
+    assert tool.main(args) == 0
+    result = json.loads((tmp_path / "out" / "stream.json").read_text())
+    runs = result["recipes"]["plain"]["runs"]
+    assert [r["name"] for r in runs] == ["stream @1", "scratch @1", streaming.REFERENCES["official"]["label"],
+                                         streaming.REFERENCES["rel"]["label"]]
+    assert result["frames"] == 8 and all(r["scored"] == 8 for r in runs)
+    assert runs[0]["evals_per_frame"] == 1.0 and runs[2]["settings"]["stop_mode"] == "abs"
+    assert runs[0]["recovery"] in (0, 1, None) and runs[1]["recovery"] is None
+    table = (tmp_path / "out" / "stream.md").read_text()
+    assert "| stream @1 |" in table and "t=0 | t=1" in table
+    checkpoint = tmp_path / "out" / "stream_runs" / "plain" / "checkpoints" / "last.pth"
+    stamp = checkpoint.stat().st_mtime_ns
+    assert tool.main(args) == 0  # the finished run is reused
+    assert checkpoint.stat().st_mtime_ns == stamp
+
+
+def test_recovery_frames():
+    from mdeq.benchmarks.streaming import recovery_frames
+
+    ref = [dict(frame=t, miou=80.0) for t in range(4)]
+    assert recovery_frames([dict(frame=t, miou=m) for t, m in enumerate([70, 79.5, 80, 80])], ref) == 1
+    assert recovery_frames([dict(frame=t, miou=m) for t, m in enumerate([80, 70, 80, 80])], ref) == 2
+    assert recovery_frames([dict(frame=t, miou=m) for t, m in enumerate([80, 80, 80, 70])], ref) is None

@@ -223,3 +223,31 @@ def test_eval_seg_predicts_an_unlabelled_test_split(seg_run, street, tmp_path):
     proc = run_tool("eval_seg.py", [str(out / "checkpoints" / "last.pth"), "--data-root", str(root),
                                     "--output", str(tmp_path / "ev2")], cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "x_gtFine_labelIds.png" in proc.stderr and "--no-labels" in proc.stderr
+
+
+def test_eval_seg_streams_a_video_and_compares_with_from_scratch_solves(seg_run, tmp_path):
+    from mdeq.data.synthetic_video import make_synthetic_video
+
+    video = make_synthetic_video(tmp_path / "video", splits={"val": 2}, frames=4, size=(64, 128), shots=2, seed=5)
+    ckpt = seg_run[0] / "checkpoints" / "last.pth"
+    out = _eval(ckpt, tmp_path / "stream", "--dataset", "cityscapes_sequence", "--data-root", str(video), "--stream",
+                "--budget", "1", "2")
+    res = json.loads((out / "video.json").read_text())
+    runs = {r["name"]: r for r in res["runs"]}
+    assert list(runs) == ["stream @1", "scratch @1", "stream @2", "scratch @2", "scratch, reference"]
+    assert [runs[n]["evals_per_frame"] for n in list(runs)[:4]] == [1.0, 1.0, 2.0, 2.0]
+    assert all(r["frames"] == r["scored"] == 8 for r in runs.values())
+    assert res["reference"] == {"max_iter": 28, "tol": 1e-3, "stop_mode": "abs"}  # mdeq_small's official setting
+    assert runs["scratch, reference"]["settings"] == res["reference"]
+    assert [c["frame"] for c in runs["stream @1"]["after_cut"]] == [0, 1]  # the cut at frame 2 of 4
+    assert "| stream @2 |" in (out / "video.md").read_text()
+    # a video set without --stream: every frame from scratch at the run's settings
+    plain = json.loads((_eval(ckpt, tmp_path / "plain", "--dataset", "cityscapes_sequence", "--data-root", str(video))
+                        / "video.json").read_text())
+    assert [r["name"] for r in plain["runs"]] == ["scratch"] and 1.0 <= plain["runs"][0]["evals_per_frame"] <= 3.0
+    bad = run_tool("eval_seg.py", [str(ckpt), "--stream", "--dataset", "cityscapes", "--data-root", str(video)],
+                   cwd=tmp_path, check=False)
+    assert bad.returncode != 0 and "--stream needs a video --dataset" in bad.stderr
+    bad = run_tool("eval_seg.py", [str(ckpt), "--stream", "--dataset", "cityscapes_sequence", "--data-root",
+                                   str(video), "--flip"], cwd=tmp_path, check=False)
+    assert bad.returncode != 0 and "one whole-frame pass per frame" in bad.stderr
