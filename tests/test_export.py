@@ -1,6 +1,7 @@
 """``mdeq.export``: the fixed-budget module computes what the model computes at k f-evaluations, eagerly, traced,
 as a torch.export program and in ONNX Runtime; the model is left alone; bad requests say what exports."""
 import copy
+from pathlib import Path
 
 import pytest
 import timm
@@ -325,6 +326,21 @@ def test_streaming_files_carry_the_state(models, tmp_path, suffix):
         graph = onnx.load(str(path)).graph
         assert [i.name for i in graph.input] == ["images", "state", "fresh"]
         assert [o.name for o in graph.output] == ["output", "next_state", "next_fresh"]
+
+
+def test_command_line_streaming(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    from mdeq.cli.export import run
+
+    out = run(["mdeq_tiny.digits", "--budget", "2", "--stream", "--output", str(tmp_path / "stream.onnx"), "--check"])
+    assert out["stream"] and out["budget"] == 2 and out["max_abs_diff"] <= 1e-4 * out["max_abs_output"]
+    printed = capsys.readouterr().out
+    assert "streaming; inputs images (B, 3, 16, 16), state (B, " in printed and "vs mdeq.stream at 2" in printed
+    monkeypatch.chdir(tmp_path)  # the default file name lands here
+    out = run(["mdeq_tiny.digits", "--budget", "2", "--stream", "--format", "export", "--check"])
+    assert out["path"] == "mdeq_tiny_digits_k2_stream.pt2" and out["max_abs_diff"] == 0
+    assert (tmp_path / out["path"]).is_file()
 
 
 def test_streaming_segmentation_module():

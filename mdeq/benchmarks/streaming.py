@@ -4,14 +4,15 @@ frame (``mdeq.stream``) against solving every frame from scratch, on the generat
 Each training recipe (``RECIPES``) trains ``mdeq_small`` segmentation on the frames of the generated video's train
 clips (``python -m mdeq.cli.train_seg data=synthetic_video ...``, the default segmentation recipe for ``EPOCHS``
 epochs, in a subprocess; a finished run is reused unless ``retrain``), then its final weights run over the val clips
-(4 clips of 30 frames at 128x256, a scene cut every 10 frames that the stream is not told about), one stream at a
-time, in this process:
+(by default 4 clips of 30 frames at 128x256 in 3 shots: the scene cuts are not told to the stream), one stream at
+a time, in this process:
 
 * streamed and from scratch at exactly k f-evaluations per frame for each k of ``BUDGETS``
   (``mdeq.core.budget_options``: tolerance 0, the head sees the last evaluation's output);
-* from scratch at the preset's official setting (``REFERENCES``: Anderson up to 28 evaluations, tolerance 1e-3 on
-  the absolute residual, MDEQ-Small Cityscapes' F_THRES 27 and stop mode), and at the same tolerance on the relative
-  residual (which stops much earlier: the fairer count of what a converged solve needs).
+* from scratch at the preset's official setting (``segmentation_eval.reference_settings``: for mdeq_small Anderson
+  up to 28 evaluations, tolerance 1e-3 on the absolute residual, MDEQ-Small Cityscapes' F_THRES 27 and stop mode),
+  and at the same budget and tolerance on the relative residual (which stops much earlier: the fairer count of what a
+  converged solve needs).
 
 Reported per run: mIoU and pixel accuracy over every val frame, f-evaluations and model milliseconds per frame, and
 mIoU at each frame index after a cut; per streamed run, ``recovery``: the frames after a cut until its mIoU stays
@@ -29,7 +30,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from .processes import launch
 
-__all__ = ["RECIPES", "BUDGETS", "REFERENCES", "EPOCHS", "run", "train_command", "recovery_frames", "to_markdown",
+__all__ = ["RECIPES", "BUDGETS", "EPOCHS", "run", "references", "train_command", "recovery_frames", "to_markdown",
            "save"]
 
 BUDGETS = (1, 2, 4)
@@ -46,12 +47,19 @@ RECIPES: Dict[str, Dict] = {
                             "schedule.jac.weight=1.0", "schedule.jac.freq=0.25", "schedule.jac.pretrain_weight=1.0",
                             "schedule.jac.probes=1")),
 }
-REFERENCES: Dict[str, Dict] = {
-    "official": dict(label="scratch, official (Anderson <= 28, abs. tol 1e-3)", max_iter=28, tol=1e-3,
-                     stop_mode="abs"),
-    "rel": dict(label="scratch, converged (<= 28, rel. tol 1e-3)", max_iter=28, tol=1e-3, stop_mode="rel"),
-}
 RECORD = "stream_run.json"
+
+
+def references(model, arch: str) -> Dict[str, Dict]:
+    """The from-scratch references: the preset's official setting, and the same budget and tolerance on the relative
+    residual; each with its label."""
+    from mdeq.engine.segmentation_eval import reference_settings
+
+    official = reference_settings(model, arch)
+    rel = dict(official, stop_mode="rel")
+    return {"official": dict(settings=official, label=f"scratch, official (<= {official['max_iter']}, "
+                                                      f"{official['stop_mode']}. tol {official['tol']:g})"),
+            "rel": dict(settings=rel, label=f"scratch, converged (<= {rel['max_iter']}, rel. tol {rel['tol']:g})")}
 
 
 def train_command(recipe: str, run_dir: Path) -> List[str]:
@@ -72,7 +80,8 @@ def _train(recipe: str, runs_dir: Path, retrain: bool, progress: Callable[[str],
     cmd = train_command(recipe, run_dir)
     command = shlex.join(cmd[1:])
     record = _read(run_dir / RECORD)
-    if retrain or not (record and record.get("command") == command and (run_dir / "checkpoints" / "last.pth").is_file()):
+    finished = record and record.get("command") == command and (run_dir / "checkpoints" / "last.pth").is_file()
+    if retrain or not finished:
         if run_dir.exists():
             shutil.rmtree(run_dir)
         progress(f"[stream] training {recipe}: {command}")
@@ -109,19 +118,21 @@ def run(recipes: Sequence[str] = tuple(RECIPES), budgets: Sequence[int] = BUDGET
     from mdeq.engine.video_eval import compare_video, evaluate_video
 
     data = build_video_dataset("synthetic_video", None, "val", transform=build_seg_eval_transform())
+    height, width = data.load_frame(0, 0)[0].shape[-2:]
     out: Dict = dict(recipes={}, budgets=list(budgets), clips=len(data.clips),
-                     frames=sum(len(c.frames) for c in data.clips), threads=torch.get_num_threads(),
-                     references={k: {s: v for s, v in r.items() if s != "label"} for k, r in REFERENCES.items()})
+                     frames=sum(len(c.frames) for c in data.clips), size=[int(height), int(width)],
+                     cuts=sorted({c for clip in data.clips for c in clip.cuts}), threads=torch.get_num_threads())
     for recipe in recipes:
         run_dir = _train(recipe, runs_dir, retrain, progress)
         loaded = load_segmentation_model_for_eval(str(run_dir / "checkpoints" / "last.pth"))
         model = loaded.model.eval()
-        official = {k: v for k, v in REFERENCES["official"].items() if k != "label"}
-        runs = compare_video(model, data, budgets, official, progress=False, say=lambda s: progress(f"[{recipe}] {s}"))
-        runs[-1].name = REFERENCES["official"]["label"]
-        rel = {k: v for k, v in REFERENCES["rel"].items() if k != "label"}
-        runs.append(evaluate_video(model, data, streaming=False, settings=rel, name=REFERENCES["rel"]["label"],
-                                   progress=False))
+        refs = references(model, loaded.arch)
+        out["references"] = {k: r["settings"] for k, r in refs.items()}
+        runs = compare_video(model, data, budgets, refs["official"]["settings"], progress=False,
+                             say=lambda s: progress(f"[{recipe}] {s}"))
+        runs[-1].name = refs["official"]["label"]
+        runs.append(evaluate_video(model, data, streaming=False, settings=refs["rel"]["settings"],
+                                   name=refs["rel"]["label"], progress=False))
         progress(f"[{recipe}] {runs[-1].name}: mIoU {runs[-1].miou:.2f}, {runs[-1].evals_per_frame:.2f} f-evals")
         reference = runs[-2]
         metrics = _read(run_dir / "metrics.json") or {}
@@ -135,8 +146,10 @@ def run(recipes: Sequence[str] = tuple(RECIPES), budgets: Sequence[int] = BUDGET
 
 def to_markdown(result: Dict) -> str:
     """Per recipe: the runs' mIoU / f-evaluations / ms per frame, and mIoU against the frames after a cut."""
+    h, w = result["size"]
     lines: List[str] = [f"Generated street-scene video: {result['clips']} val clips, {result['frames']} frames of "
-                        f"128x256, a scene cut every 10 frames; one stream at a time, {result['threads']} threads.", ""]
+                        f"{h}x{w}, scene cuts at frames {result['cuts']}; one stream at a time, {result['threads']} "
+                        "threads.", ""]
     for name, rec in result["recipes"].items():
         runs = rec["runs"]
         lines += [f"**{name}**: {rec['label']}", "",

@@ -21,7 +21,9 @@ Video (``--dataset synthetic_video | cityscapes_sequence | video_folder``): ``--
 f-evaluations, against the same model solving every frame from scratch at that budget and at the preset's official
 tolerance; it reports mIoU on the annotated frames, f-evaluations and ms per frame, and mIoU against the frames
 since a scene cut (``video.json``, ``video.md``). Without ``--stream`` a video set is solved frame by frame from
-scratch. The work is ``mdeq.engine.segmentation_eval.evaluate_segmentation_source`` and ``evaluate_video_source``.
+scratch (``synthetic_video`` without ``--stream`` is the still-image set that ``train_seg data=synthetic_video``
+validates on). The work is ``mdeq.engine.segmentation_eval.evaluate_segmentation_source`` and
+``evaluate_video_source``.
 """
 import argparse
 import sys
@@ -30,6 +32,7 @@ from mdeq.cli.common import (add_job_flags, add_solver_flags, exit_code_main, ou
                              solver_changes)
 from mdeq.data.factory import SEGMENTATION_DATASETS, VIDEO_DATASETS
 from mdeq.engine.segmentation_eval import evaluate_segmentation_source, evaluate_video_source
+from mdeq.engine.video_eval import DEFAULT_BUDGETS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,9 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     v = p.add_argument_group("video (a video --dataset)")
     v.add_argument("--stream", action="store_true", help="carry each clip's equilibrium from frame to frame "
                    "(mdeq.stream) and compare with from-scratch solves")
-    v.add_argument("--budget", type=int, nargs="+", default=[2], metavar="K",
-                   help="f-evaluations per frame of the --stream comparison (default: 2)")
-    v.add_argument("--streams", type=int, default=1, help="clips run side by side, one stream each (default: 1)")
+    v.add_argument("--budget", type=int, nargs="+", metavar="K", help="f-evaluations per frame of the --stream "
+                   f"comparison (default: {' '.join(map(str, DEFAULT_BUDGETS))})")
+    v.add_argument("--streams", type=int, help="clips run side by side, one stream each (default: 1)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--amp", choices=["bfloat16", "float16"], help="autocast dtype (the solver stays in float32)")
     p.add_argument("--save-predictions", metavar="DIR", help="write the predicted label PNGs here")
@@ -74,20 +77,30 @@ def run(argv=None) -> dict:
     args = parser.parse_args(argv)
     changes = solver_changes(parser, args)
     inference = dict(mode=args.mode, window=args.window, stride=args.stride, scales=args.scales, flip=args.flip)
-    video_only = set(VIDEO_DATASETS) - set(SEGMENTATION_DATASETS)
+    video_only = set(VIDEO_DATASETS) - set(SEGMENTATION_DATASETS)  # synthetic_video is also a set of stills
     if args.stream or args.dataset in video_only:
         if args.stream and args.dataset not in VIDEO_DATASETS:
             parser.error(f"--stream needs a video --dataset ({', '.join(VIDEO_DATASETS)})")
-        if any(b < 1 for b in args.budget) or args.streams < 1:
+        if args.budget and not args.stream:
+            parser.error("--budget is the per-frame budget of --stream")
+        if any(b < 1 for b in args.budget or ()) or (args.streams is not None and args.streams < 1):
             parser.error("--budget values and --streams must be >= 1")
-        if args.mode == "slide" or args.scales or args.flip or args.save_predictions:
-            parser.error("video evaluation runs one whole-frame pass per frame (a stream keeps one state per frame): "
-                         "--mode slide, --scales, --flip and --save-predictions do not apply")
+        unused = [flag for flag, given in (("--mode slide", args.mode == "slide"), ("--window", args.window),
+                                           ("--stride", args.stride), ("--scales", args.scales), ("--flip", args.flip),
+                                           ("--save-predictions", args.save_predictions), ("--amp", args.amp),
+                                           ("--no-labels", args.no_labels), ("--batch-size", args.batch_size != 1))
+                  if given]
+        if unused:
+            parser.error(f"video evaluation runs one whole-frame pass per frame and stream, in float32, scored on the "
+                         f"annotated frames (--streams N runs N clips side by side): {', '.join(unused)} do not apply")
         return run_distributed(args.device, lambda env: evaluate_video_source(
             args.source, env, output_folder("eval_seg", args.output, env), dataset=args.dataset,
             data_root=args.data_root, split=args.split, classes=args.classes, label_type=args.label_type,
             model_name=args.model, use_ema=args.ema, solver_changes=changes, streaming=args.stream,
-            budgets=args.budget, streams=args.streams, progress=not args.no_progress))
+            budgets=args.budget or DEFAULT_BUDGETS, streams=args.streams or 1, progress=not args.no_progress))
+    if args.budget or args.streams:
+        parser.error(f"--budget and --streams belong to video evaluation: a video --dataset "
+                     f"({', '.join(VIDEO_DATASETS)}) with --stream")
 
     return run_distributed(args.device, lambda env: evaluate_segmentation_source(
         args.source, env, output_folder("eval_seg", args.output, env), dataset=args.dataset, data_root=args.data_root,

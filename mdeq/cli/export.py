@@ -4,6 +4,7 @@
     python tools/export.py outputs/train_cls/<run>/checkpoints/best.pth --budget 8 --output model.pt2
     python tools/export.py model.safetensors --model mdeq_small --solver fixed_point --init skip_reg --budget 6
     python tools/export.py seg.pth --segmentation --input-size 512 1024 --budget 6 --format torchscript
+    python tools/export.py seg.pth --segmentation --input-size 128 256 --budget 2 --stream --check   # video
 
 An implicit model does not deploy, a fixed budget does: the file computes what the model computes in eval mode
 with K f-evaluations (``mdeq.core.budget_options``), as a static graph with a dynamic batch dimension and the
@@ -11,10 +12,14 @@ given height and width. The source is what ``eval_cls`` / ``eval_seg`` take (a t
 file, a timm name with a tag); ``--solver`` / ``--init`` change its settings first. ``--budget`` defaults to
 the model's own evaluation budget (``max_iter``, plus one for the Skip Reg. start): the same work as its
 inference at most, at which its metrics were measured. ``--check`` runs the written file once (ONNX Runtime for
-.onnx) on random images and prints the largest difference to the model at that budget.
+.onnx) on random images and prints the largest difference to the model at that budget. ``--stream`` writes the
+streaming form for video (``fixed_budget(model, k, stream=True)``: inputs ``images``, ``state``, ``fresh``; outputs
+``output``, ``next_state``, ``next_fresh``); its ``--check`` runs 3 frames through the file, the state carried, against
+``mdeq.stream`` at that budget.
 The work is ``mdeq.export`` (``fixed_budget``, ``save_exported``).
 """
 import argparse
+import copy
 import re
 import sys
 from pathlib import Path
@@ -22,8 +27,9 @@ from pathlib import Path
 import torch
 from timm.data import resolve_data_config
 
+import mdeq
 from mdeq.cli.common import exit_code_main
-from mdeq.core import INITS
+from mdeq.core import INITS, budget_options
 from mdeq.engine.model_source import load_model_for_eval, load_segmentation_model_for_eval
 from mdeq.export import (EXPORTABLE_SOLVERS, FORMATS, budget_reference, export_format, fixed_budget, run_exported,
                          save_exported)
@@ -47,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="architecture of a bare weights file (default: inferred from the shapes)")
     p.add_argument("--num-classes", type=int, help="classes of a bare weights file (default: from its head)")
     p.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
+    p.add_argument("--stream", action="store_true", help="the streaming form for video: the previous frame's "
+                   "equilibrium in, the new one out (mdeq.stream at the budget)")
     p.add_argument("--check", action="store_true", help="run the written file once and compare with the model")
     return p
 
@@ -72,18 +80,25 @@ def run(argv=None) -> dict:
         o = model.deq.options
         budget = args.budget or o["max_iter"] + (1 if o["init"] == "skip_reg" else 0)
         fmt = export_format(args.output, args.format) if args.output else (args.format or "onnx")
-        net = fixed_budget(model, budget)
+        net = fixed_budget(model, budget, stream=args.stream)
     except ValueError as err:
         parser.error(str(err))
     h, w = _input_size(parser, args, loaded, model)
-    output = Path(args.output or f"{_stem(args.source)}_k{budget}{FORMATS[fmt]}")
+    output = Path(args.output or f"{_stem(args.source)}_k{budget}{'_stream' if args.stream else ''}{FORMATS[fmt]}")
     images = torch.randn(args.batch_size, model.in_chans, h, w, generator=torch.Generator().manual_seed(0))
-    save_exported(net, output, images, fmt)
-    print(f"wrote {output} ({fmt}): {loaded.description} at {net.plan.describe()}; input (B, {model.in_chans}, "
-          f"{h}, {w}) with a dynamic batch B")
+    save_exported(net, output, (images, *net.start(images)) if args.stream else images, fmt)
+    what = (f"inputs images (B, {model.in_chans}, {h}, {w}), state (B, {net.start(images[:1])[0].shape[1]}), fresh "
+            f"(B,) bool" if args.stream else f"input (B, {model.in_chans}, {h}, {w})")
+    print(f"wrote {output} ({fmt}): {loaded.description} at {net.plan.describe()}"
+          f"{', streaming' if args.stream else ''}; {what} with a dynamic batch B")
     result = dict(path=str(output), format=fmt, budget=budget, input_size=[model.in_chans, h, w],
-                  solver=net.plan.solver, init=net.plan.init)
-    if args.check:
+                  solver=net.plan.solver, init=net.plan.init, stream=args.stream)
+    if args.check and args.stream:
+        diff, scale = _check_stream(model, budget, net, output, images, fmt)
+        print(f"check: {output.name} vs mdeq.stream at {budget} f-evaluation{'s' if budget != 1 else ''} a frame, "
+              f"3 frames of {args.batch_size} random streams: max |difference| {diff:.3g} (max |output| {scale:.3g})")
+        result.update(max_abs_diff=diff, max_abs_output=scale)
+    elif args.check:
         ref = budget_reference(model, budget, images)
         out = run_exported(output, images, fmt)
         diff = (out.float() - ref.float()).abs().max().item()
@@ -92,6 +107,22 @@ def run(argv=None) -> dict:
               f"images: max |difference| {diff:.3g} (max |output| {scale:.3g})")
         result.update(max_abs_diff=diff, max_abs_output=scale)
     return result
+
+
+def _check_stream(model, budget: int, net, path: Path, images: torch.Tensor, fmt: str) -> tuple:
+    """Largest |file - mdeq.stream| over 3 slowly changing frames, the file's state fed back; and the output scale."""
+    eager = mdeq.stream(copy.deepcopy(model).eval(), **budget_options(model.deq.options, budget))
+    g = torch.Generator().manual_seed(1)
+    state, fresh = net.start(images)
+    diff = scale = 0.0
+    frame = images
+    for _ in range(3):
+        out, state, fresh = run_exported(path, (frame, state, fresh), fmt)
+        ref = eager(frame)
+        diff = max(diff, (out.float() - ref.float()).abs().max().item())
+        scale = max(scale, ref.abs().max().item())
+        frame = frame + 0.05 * torch.randn(frame.shape, generator=g)
+    return diff, scale
 
 
 def _input_size(parser: argparse.ArgumentParser, args: argparse.Namespace, loaded, model) -> tuple:

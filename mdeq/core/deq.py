@@ -26,8 +26,9 @@
   enabled both add ``stats.init_loss`` = ``init_weight`` x the mean squared difference between the initial
   guess and z* (z* detached unless ``init_detach=False``), which trains the predictor (and, for ``skip_reg``,
   pulls f(z0) towards z*). ``warm`` (a (B,) bool mask at call time) marks samples whose z0 is a warm start
-  (a video stream's previous equilibrium): they start from z0 whatever ``init`` says, the others as ``init``
-  says; when every sample is warm the initial guess is not computed (no predictor call, no extra evaluation).
+  (a video stream's previous equilibrium): with ``init="skip"`` they start from z0 instead of the prediction (the
+  predictor is not called when every sample is warm); Skip Reg. DEQ's start f(z0) is one step from whatever z0 is,
+  so it applies to every sample and keeps a budget of k evaluations exact.
 * ``record`` (``"all"`` or iterate indices) returns the solver's iterates in ``stats.trajectory``.
 * ``correction_states=n`` (training only): n iterates evenly spaced along the trajectory are recorded and
   each gets a ``correction_steps``-step phantom gradient; the differentiable states are in
@@ -280,7 +281,7 @@ class DEQ(nn.Module):
         """Solve z = f(z) from ``z0`` (see the module docstring for the settings).
 
         ``max_iter`` overrides the setting for this call only; ``predictor`` (init ``"skip"``) returns the
-        initial guess; ``warm`` (B,) bool marks the samples that start from ``z0`` whatever ``init`` says;
+        initial guess; ``warm`` (B,) bool marks the samples that start from ``z0`` instead of the prediction;
         ``inputs`` are objects the solver needs (``SolverSpec.needs``, e.g. ``student``); those it does not
         need are ignored.
         """
@@ -328,8 +329,8 @@ class DEQ(nn.Module):
                              f"{warm.dtype if isinstance(warm, torch.Tensor) else type(warm).__name__} "
                              f"{tuple(warm.shape) if isinstance(warm, torch.Tensor) else ''}".rstrip())
         guess, extra_nfe = None, 0  # the differentiable initial guess (Skip / Skip Reg. DEQ)
-        if warm is not None and bool(warm.all()):
-            pass  # every sample starts from its warm z0: no guess to compute
+        if o["init"] == "skip" and warm is not None and bool(warm.all()):
+            pass  # every sample starts from its warm z0: no prediction to make
         elif o["init"] == "skip":
             if predictor is None:
                 raise ValueError("init='skip' needs a predictor of the initial state (a model's Skip DEQ "
@@ -337,7 +338,7 @@ class DEQ(nn.Module):
             guess = packer.pack(predictor()).to(work)
         elif o["init"] == "skip_reg":
             guess, extra_nfe = f_flat(x0), 1
-        if guess is not None and warm is not None:
+        if o["init"] == "skip" and guess is not None and warm is not None:
             guess = torch.where(warm.to(guess.device)[:, None], x0, guess)
         if guess is not None:
             x0 = guess if spec.differentiable else guess.detach()

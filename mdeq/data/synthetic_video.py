@@ -29,8 +29,8 @@ import numpy as np
 from PIL import Image
 
 from .cache import build_once, data_cache_dir
-from .synthetic_seg import (BUILDING, CAR, EGO, GROUND, OUT_OF_ROI, PERSON, POLE, ROAD, SIDEWALK, SKY, STATIC,
-                            UNLABELED, VEGETATION, class_colors)
+from .synthetic_seg import (CAR, EGO, OUT_OF_ROI, POLE, SKY, STATIC, check_generator_args, class_colors,
+                            draw_buildings, draw_ground, draw_people, draw_trees, draw_unlabeled_patch, fill_rect)
 from .video import write_video_manifest
 
 __all__ = ["make_synthetic_video", "prepare_synthetic_video", "default_synthetic_video_root", "shot_starts",
@@ -50,15 +50,6 @@ _COLORS = class_colors()
 
 
 # ------------------------------------------------------------------------------------------------ drawing
-def _fill(lab: np.ndarray, y0: float, y1: float, x0: float, x1: float, value: int) -> None:
-    """Set a rectangle (clipped to the array, rounded to pixels) to ``value``."""
-    h, w = lab.shape
-    y0, y1 = max(0, int(round(y0))), min(h, int(round(y1)))
-    x0, x1 = max(0, int(round(x0))), min(w, int(round(x1)))
-    if y0 < y1 and x0 < x1:
-        lab[y0:y1, x0:x1] = value
-
-
 def _texture(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     """Smooth (h, w) noise: a coarse normal grid upsampled bilinearly."""
     coarse = rng.normal(0.0, 1.0, size=(max(2, h // 8), max(2, w // 8))).astype(np.float32)
@@ -74,44 +65,21 @@ def _paint(rng: np.random.Generator, lab: np.ndarray) -> np.ndarray:
 def _draw_street(rng: np.random.Generator, h: int, w: int, frame_w: int) -> Tuple[np.ndarray, int, float]:
     """A street canvas (h, w) as official label ids, without cars; returns (labels, horizon row, vanishing x).
     Object sizes scale with the frame width, so a wider canvas holds more of them, not bigger ones."""
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     lab = np.full((h, w), SKY, dtype=np.uint8)
     horizon = int(h * rng.uniform(0.4, 0.52))  # a whole row: buildings end exactly where the road starts
-    x = 0.0
-    while x < w:  # a row of buildings standing on the horizon
-        bw = rng.uniform(0.08, 0.25) * frame_w
-        if rng.random() < 0.8:
-            _fill(lab, h * rng.uniform(0.04, 0.3), horizon, x, x + bw, BUILDING)
-        x += bw
-    for _ in range(int(rng.integers(1, 5))):  # trees
-        cx, cy = rng.uniform(0, w), rng.uniform(0.2 * h, horizon)
-        rx, ry = rng.uniform(0.05, 0.15) * frame_w, rng.uniform(0.06, 0.16) * h
-        lab[((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1] = VEGETATION
-    vp = w * rng.uniform(0.4, 0.6)  # the road widens towards the viewer, sidewalks left and right
-    half = (0.06 + 0.55 * np.clip((yy - horizon) / max(1.0, h - horizon), 0, 1)) * frame_w
-    below = yy >= horizon
-    lab[below] = ROAD
-    lab[below & (np.abs(xx - vp) > half)] = SIDEWALK
-    if rng.random() < 0.5:  # an unpaved verge ('ground', void) on one side
-        side = xx < vp - half * 1.6 if rng.random() < 0.5 else xx > vp + half * 1.6
-        lab[below & side] = GROUND
+    draw_buildings(rng, lab, horizon, frame_w)
+    draw_trees(rng, lab, horizon, frame_w, most=4)
+    vp, _ = draw_ground(rng, lab, horizon, frame_w)
     for _ in range(int(rng.integers(0, 3))):  # void clutter ('static') on the pavement
         y1 = rng.uniform(horizon + 0.2 * (h - horizon), h)
         x0 = vp + rng.choice([-1, 1]) * rng.uniform(0.65, 0.95) * frame_w
-        _fill(lab, y1 - rng.uniform(0.03, 0.08) * h, y1, x0, x0 + rng.uniform(0.02, 0.06) * frame_w, STATIC)
+        fill_rect(lab, y1 - rng.uniform(0.03, 0.08) * h, y1, x0, x0 + rng.uniform(0.02, 0.06) * frame_w, STATIC)
     for _ in range(int(rng.integers(2, 5))):  # poles standing on the sidewalk
         px = vp + rng.choice([-1, 1]) * rng.uniform(0.25, 0.75) * frame_w
-        _fill(lab, h * rng.uniform(0.08, 0.3), horizon + rng.uniform(0.1, 0.5) * (h - horizon), px,
-              px + max(1.0, frame_w * rng.uniform(0.005, 0.012)), POLE)
-    for _ in range(int(rng.integers(0, 4))):  # people: tall ellipses on the sidewalks
-        t = rng.uniform(0.15, 0.8)
-        base = horizon + t * (h - horizon)
-        ph = (0.1 + 0.3 * t) * h
-        px = vp + rng.choice([-1, 1]) * (0.06 + 0.55 * t) * frame_w * rng.uniform(1.1, 1.5)
-        lab[((xx - px) / (ph * 0.18)) ** 2 + ((yy - (base - ph / 2)) / (ph / 2)) ** 2 <= 1] = PERSON
-    if rng.random() < 0.5:  # a patch nobody labelled
-        y0, x0 = rng.uniform(0.2, 0.8) * h, rng.uniform(0, 0.9) * w
-        _fill(lab, y0, y0 + rng.uniform(0.03, 0.08) * h, x0, x0 + rng.uniform(0.03, 0.08) * frame_w, UNLABELED)
+        fill_rect(lab, h * rng.uniform(0.08, 0.3), horizon + rng.uniform(0.1, 0.5) * (h - horizon), px,
+                  px + max(1.0, frame_w * rng.uniform(0.005, 0.012)), POLE)
+    draw_people(rng, lab, horizon, vp, frame_w)
+    draw_unlabeled_patch(rng, lab, frame_w)
     return lab, horizon, vp
 
 
@@ -232,8 +200,9 @@ def _clip_frames(seed: int, split_key: int, index: int, frames: int, shots: int,
 
 
 # ------------------------------------------------------------------------------------------------ writing
-def make_synthetic_video(root: Union[str, Path], splits: Mapping[str, int] = MappingProxyType({"train": 8, "val": 4}),
-                         frames: int = 30, size: Tuple[int, int] = (128, 256), shots: int = 3, seed: int = 0,
+def make_synthetic_video(root: Union[str, Path], splits: Mapping[str, int] = SYNTHETIC_VIDEO_SPLITS,
+                         frames: int = SYNTHETIC_VIDEO_FRAMES, size: Tuple[int, int] = SYNTHETIC_VIDEO_SIZE,
+                         shots: int = SYNTHETIC_VIDEO_SHOTS, seed: int = 0,
                          cities: Sequence[str] = ("aachen", "bremen")) -> Path:
     """Write ``splits[split]`` clips of ``frames`` frames of ``size`` = (H, W) per split in the Cityscapes
     sequence layout, a ``labelIds`` file for every frame, and ``root/videos.json`` with each clip's cuts.
@@ -241,18 +210,10 @@ def make_synthetic_video(root: Union[str, Path], splits: Mapping[str, int] = Map
     Clip ``i`` of a split is ``<city>/<city>_<i // len(cities):06d>`` with city ``cities[i % len(cities)]``;
     its content depends only on (seed, split name, i), not on the other splits.
     """
-    h, w = (int(v) for v in size)
-    if h < 16 or w < 16:
-        raise ValueError(f"size must be at least 16x16 (H, W), got {tuple(size)}")
+    h, w, cities = check_generator_args(size, cities, splits, "clips")
     frames, shots = int(frames), int(shots)
     if frames < 1 or not 1 <= shots <= frames:
         raise ValueError(f"need frames >= 1 and 1 <= shots <= frames, got frames={frames}, shots={shots}")
-    cities = [str(c) for c in cities]
-    if not cities or any(not c or "/" in c or "_" in c for c in cities):
-        raise ValueError(f"cities must be non-empty names without '/' or '_', got {cities}")
-    for split, n in splits.items():
-        if int(n) < 0 or not split or "/" in split:
-            raise ValueError(f"bad split {split!r}: {n} clips")
     root = Path(root)
     manifest = {}
     for split, n in splits.items():

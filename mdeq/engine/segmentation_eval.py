@@ -20,7 +20,7 @@ from .checkpoint import plain_data
 from .distributed import DistEnv, main_print
 from .model_source import load_segmentation_model_for_eval
 from .seg_inference import build_inference, evaluate_segmentation
-from .video_eval import compare_video, evaluate_video, video_table
+from .video_eval import DEFAULT_BUDGETS, compare_video, evaluate_video, video_table
 
 __all__ = ["evaluate_segmentation_source", "evaluate_video_source", "inference_settings", "reference_settings"]
 
@@ -143,7 +143,7 @@ def evaluate_video_source(source: str, env: DistEnv, output_dir: Path, dataset: 
                           data_root: Optional[str] = None, split: str = "val", classes: Optional[Sequence[str]] = None,
                           label_type: Optional[str] = None, model_name: Optional[str] = None, use_ema: bool = False,
                           solver_changes: Optional[Mapping[str, Any]] = None, streaming: bool = True,
-                          budgets: Sequence[int] = (2,), streams: int = 1, progress: bool = True,
+                          budgets: Sequence[int] = DEFAULT_BUDGETS, streams: int = 1, progress: bool = True,
                           say: Optional[Callable[..., None]] = None) -> Dict[str, Any]:
     """Evaluate ``source`` on a video set (``VIDEO_DATASETS``). ``streaming``: the comparison of
     ``video_eval.compare_video`` (streamed and from scratch at each per-frame budget, from scratch at the official
@@ -176,7 +176,6 @@ def evaluate_video_source(source: str, env: DistEnv, output_dir: Path, dataset: 
     else:
         runs = [evaluate_video(model, data, streaming=False, streams=streams, device=env.device, name="scratch",
                                progress=progress)]
-        say(video_table(runs))
     table = video_table(runs)
     result = dict(source=source, description=loaded.description, arch=loaded.arch, dataset=dataset,
                   data_root=str(data_root) if data_root else None, split=split, clips=len(data.clips),

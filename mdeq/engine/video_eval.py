@@ -30,7 +30,9 @@ from mdeq.models.control import require_mdeqs, stage_deq
 from ..data.video import VideoSegmentationDataset, frames_since_cut, stream_batches
 from .seg_metrics import ConfusionMatrix
 
-__all__ = ["VideoEvalResult", "evaluate_video", "compare_video", "video_table"]
+__all__ = ["VideoEvalResult", "evaluate_video", "compare_video", "video_table", "DEFAULT_BUDGETS"]
+
+DEFAULT_BUDGETS = (2,)  # f-evaluations per frame of a streamed comparison (eval_seg --stream --budget)
 
 
 @dataclass
@@ -73,6 +75,7 @@ def evaluate_video(model: nn.Module, data: VideoSegmentationDataset, *, streamin
     residuals: List[float] = []
     seconds, frames, scored = 0.0, 0, 0
     run = make_stream(model, **settings) if streaming else None
+    last_size: Optional[tuple] = None
     context = contextlib.nullcontext() if streaming else configured_deq(model, **settings)
     steps = stream_batches(data, streams)
     with context, torch.no_grad():
@@ -82,7 +85,9 @@ def evaluate_video(model: nn.Module, data: VideoSegmentationDataset, *, streamin
                 if bool(batch.reset.all()):
                     run.reset()  # every slot starts a clip: any size, any number of streams
                 else:
+                    _check_same_size(data, batch, images, last_size)
                     run.reset(batch.reset)
+            last_size = tuple(images.shape[-2:])
             _sync(device)
             start = time.perf_counter()
             logits = run(images) if run is not None else model(images)
@@ -128,7 +133,8 @@ def compare_video(model: nn.Module, data: VideoSegmentationDataset, budgets: Seq
                   reference: Mapping[str, Any], streams: int = 1, device: Optional[torch.device] = None,
                   progress: bool = True, say: Callable[[str], None] = print) -> List[VideoEvalResult]:
     """Streaming and from-scratch at each per-frame budget (exactly k f-evaluations), then from scratch at
-    ``reference`` (``configure_deq`` settings: the model's official tolerance), in that order."""
+    ``reference`` (``configure_deq`` settings: the model's official tolerance), in that order. The budget settings
+    are ``budget_options`` of the model's first MDEQ, applied to every MDEQ it holds."""
     options = _merged_options(model)
     runs: List[VideoEvalResult] = []
     for k in budgets:
@@ -146,7 +152,8 @@ def compare_video(model: nn.Module, data: VideoSegmentationDataset, budgets: Seq
 
 def video_table(runs: Sequence[VideoEvalResult]) -> str:
     """A Markdown table of the runs, and one of mIoU against the frames since a cut (when cuts are known)."""
-    lines = ["| run | mIoU | pixel acc. | f-evals / frame | ms / frame | rel. residual |", "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| run | mIoU | pixel acc. | f-evals / frame | ms / frame | rel. residual |",
+             "|---|---:|---:|---:|---:|---:|"]
     for r in runs:
         lines.append(f"| {r.name} | {r.miou:.2f} | {r.aacc:.2f} | {r.evals_per_frame:.2f} | {r.ms_per_frame:.1f} | "
                      f"{r.rel_residual_mean:.3g} |")
@@ -160,6 +167,15 @@ def video_table(runs: Sequence[VideoEvalResult]) -> str:
             cells = [f"{c['miou']:.1f}" for c in r.after_cut] + [""] * (width - len(r.after_cut))
             lines.append(f"| {r.name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _check_same_size(data: VideoSegmentationDataset, batch: Any, images: torch.Tensor, last: Optional[tuple]) -> None:
+    """A clip that changes its frame size mid-way cannot be streamed (the state belongs to one size): name it."""
+    if last is not None and tuple(images.shape[-2:]) != last:
+        i = int((~batch.reset & batch.active).nonzero()[0]) if bool((~batch.reset & batch.active).any()) else 0
+        raise ValueError(f"clip {data.clips[int(batch.clip[i])].name!r} changes its frame size at frame "
+                         f"{int(batch.frame[i])} ({last[0]}x{last[1]} -> {images.shape[-2]}x{images.shape[-1]}): a "
+                         "stream carries an equilibrium of one size; make its frames one size")
 
 
 def _merged_options(model: nn.Module) -> Dict[str, Any]:

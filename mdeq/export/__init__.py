@@ -12,5 +12,6 @@ from .formats import FORMATS, export_format, export_program, run_exported, save_
 from .static import (EXPORTABLE_SOLVERS, BudgetPlan, FixedBudgetModel, FixedBudgetStage, FixedBudgetStream,
                      budget_reference, fixed_budget)
 
-__all__ = ["fixed_budget", "budget_reference", "FixedBudgetModel", "FixedBudgetStream", "FixedBudgetStage", "BudgetPlan",
-           "EXPORTABLE_SOLVERS", "FORMATS", "export_format", "save_exported", "export_program", "run_exported"]
+__all__ = ["fixed_budget", "budget_reference", "FixedBudgetModel", "FixedBudgetStream", "FixedBudgetStage",
+           "BudgetPlan", "EXPORTABLE_SOLVERS", "FORMATS", "export_format", "save_exported", "export_program",
+           "run_exported"]

@@ -189,7 +189,7 @@ class FixedBudgetModel(nn.Module):
         return self.plan.describe()
 
 
-class FixedBudgetStream(nn.Module):
+class FixedBudgetStream(FixedBudgetModel):
     """An MDEQ at a fixed budget for video streams: (frames, state, fresh) -> (output, state, fresh).
 
     ``state`` (B, D): each stream's equilibrium after its previous frame, the branch states packed (flattened and
@@ -202,15 +202,6 @@ class FixedBudgetStream(nn.Module):
 
     input_names = ("images", "state", "fresh")
     output_names = ("output", "next_state", "next_fresh")
-
-    def __init__(self, net: nn.Module, plan: BudgetPlan):
-        super().__init__()
-        self.net = net
-        self.plan = plan
-
-    @property
-    def budget(self) -> int:
-        return self.plan.budget
 
     @torch.no_grad()
     def start(self, frames: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -251,7 +242,7 @@ class FixedBudgetStage(nn.Module):
     def forward(self, injection: torch.Tensor, z0: Optional[List[torch.Tensor]] = None,
                 warm: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
         """Branch states; ``z0`` a warm start as for the model (zeros by default); ``warm`` (B,) bool: samples that
-        start from ``z0`` whatever the plan's ``init`` says (``mdeq.core.DEQ``'s ``warm``)."""
+        start from ``z0`` instead of the Skip DEQ prediction (``mdeq.core.DEQ``'s ``warm``)."""
         p, stage = self.plan, self.stage
         if z0 is None:
             z0 = stage.initial_state(injection)
@@ -267,13 +258,11 @@ class FixedBudgetStage(nn.Module):
             return _pack(f_list(_unpack(v, shapes)))
 
         x = x.to(work)
-        guess = None
         if p.init == "skip":
             guess = _pack(stage.initializer(injection)).to(work)
-        elif p.init == "skip_reg":
-            guess = f(x)
-        if guess is not None:
             x = guess if warm is None else torch.where(warm[:, None], x, guess)
+        elif p.init == "skip_reg":
+            x = f(x)
         if p.solver == "unroll":
             for _ in range(p.evals):
                 x = f(x)

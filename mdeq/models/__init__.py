@@ -24,6 +24,6 @@ __all__ = [
     "create_segmentation_model", "list_segmentation_models", "convert_official_state_dict",
     "to_official_state_dict", "is_official_state_dict", "infer_preset", "build_preset", "load_converted",
     "StateDictMismatch", "state_shapes", "describe_mismatch", "official_solver", "official_solver_of",
-    "preset_solver", "configure_deq", "configured_deq", "deq_stats", "find_mdeqs", "set_jac_probes", "MDEQFeatures", "MDEQStream",
-    "stream",
+    "preset_solver", "configure_deq", "configured_deq", "deq_stats", "find_mdeqs", "set_jac_probes", "MDEQFeatures",
+    "MDEQStream", "stream",
 ]

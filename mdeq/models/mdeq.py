@@ -117,8 +117,8 @@ class MDEQStage(MDEQCell):
     def forward(self, injection: torch.Tensor, z0: Optional[List[torch.Tensor]] = None,  # type: ignore[override]
                 warm: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
         """Branch equilibria; ``z0`` is a warm start (e.g. the previous frame's equilibrium), zeros by default.
-        ``warm`` (B,) bool: the samples that start from ``z0`` even when the solver's ``init`` is a Skip DEQ start
-        (the others start as ``init`` says); see ``mdeq.stream``."""
+        ``warm`` (B,) bool: the samples that start from ``z0`` instead of the Skip DEQ prediction (``init='skip'``);
+        see ``mdeq.stream``."""
         zeros = self.initial_state(injection)
         if z0 is None:
             z0 = zeros

@@ -14,7 +14,8 @@ How: forward hooks on every equilibrium stage of the model (``find_mdeqs``), att
 hand the stage each stream's previous equilibrium as its start ``z0`` with ``warm`` set for the streams that have
 one; a stream's first frame (and the first after ``reset``) starts as the model does (zeros, or the Skip DEQ
 prediction: ``DEQ``'s ``warm`` mask), and the stage's output becomes that stream's state. The per-frame settings
-(``deq_options``) apply during the frame only (``configured_deq``), so the model's own settings stay. Frames run
+(``deq_options``, validated once when the stream is made) apply during the frame only (``DEQ.temporarily``), so the
+model's own settings stay. Frames run
 under ``no_grad`` in eval mode: no autograd graph is kept from frame to frame.
 
 Faults: a frame that is not finite (or whose equilibrium is not) gives that stream a NaN output (as the model
@@ -32,7 +33,7 @@ from torch import nn
 
 from mdeq.core import SolverStats
 
-from .control import check_deq_changes, configured_deq
+from .control import check_deq_changes, stage_deq
 
 __all__ = ["MDEQStream", "stream"]
 
@@ -77,23 +78,28 @@ class MDEQStream:
             self._frames: Optional[torch.Tensor] = None
             self._shape: Optional[Tuple[int, ...]] = None
             return
-        if self._shape is None:
-            return  # nothing runs yet: every stream starts fresh anyway
-        selected = self._as_mask(mask)
-        self._fresh = self._fresh | selected.to(self._fresh.device)
+        selected = self._as_mask(mask, None if self._shape is None else self._shape[0])
+        if selected is not None:  # (before the first frame every stream starts fresh anyway)
+            self._fresh = self._fresh | selected
 
-    def _as_mask(self, mask: Mask) -> torch.Tensor:
-        n = self._shape[0]
+    @staticmethod
+    def _as_mask(mask: Mask, n: Optional[int]) -> Optional[torch.Tensor]:
+        """``mask`` as a (n,) bool tensor on the CPU (None when ``n`` is not known yet: checked as far as it can)."""
         m = torch.as_tensor(mask)
-        if m.dtype == torch.bool:
-            if tuple(m.shape) != (n,):
-                raise ValueError(f"reset(mask): a bool mask needs one flag per stream, shape ({n},), got "
-                                 f"{tuple(m.shape)}")
-            return m.cpu()
-        if m.dtype.is_floating_point or m.dim() > 1:
+        if m.numel() == 0:
+            m = m.long()  # reset([]): no stream
+        if m.dim() > 1 or m.dtype.is_floating_point or m.dtype.is_complex:
             raise ValueError(f"reset(mask) takes a (B,) bool mask or stream indices, got {m.dtype} of shape "
                              f"{tuple(m.shape)}")
-        idx = m.reshape(-1).long().cpu()
+        m = m.reshape(-1).cpu()
+        if n is None:
+            return None
+        if m.dtype == torch.bool:
+            if m.numel() != n:
+                raise ValueError(f"reset(mask): a bool mask needs one flag per stream, shape ({n},), got "
+                                 f"{tuple(m.shape)}")
+            return m
+        idx = m.long()
         if idx.numel() and (idx.min() < -n or idx.max() >= n):
             raise ValueError(f"reset(mask): stream indices must be in [0, {n}), got {idx.tolist()}")
         out = torch.zeros(n, dtype=torch.bool)
@@ -102,7 +108,8 @@ class MDEQStream:
 
     @property
     def state(self) -> Dict[str, List[torch.Tensor]]:
-        return {name: list(s) for name, s in self._state.items()}
+        """A copy: changing it does not change the streams."""
+        return {name: [t.clone() for t in s] for name, s in self._state.items()}
 
     @property
     def fresh(self) -> Optional[torch.Tensor]:
@@ -122,8 +129,8 @@ class MDEQStream:
         new_state: Dict[str, List[torch.Tensor]] = {}
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.no_grad())
-            stack.enter_context(configured_deq(self.model, **self.deq_options))
             for name, stage in self.stages.items():
+                stack.enter_context(stage_deq(stage).temporarily(**self.deq_options))
                 stack.enter_context(_hooked(stage, self._start_hook(name, fresh, calls),
                                             self._end_hook(name, new_state)))
             out = self.model(frames)
@@ -144,7 +151,7 @@ class MDEQStream:
         return out
 
     def _check_frames(self, frames: Any) -> None:
-        if any(m.training for m in [self.model, *self.stages.values()]):
+        if any(m.training for m in self.model.modules()):
             raise RuntimeError("a stream runs in eval mode (it keeps no autograd graph and BatchNorm must use its "
                                "running statistics): call model.eval() first; train on single frames instead")
         if not isinstance(frames, torch.Tensor) or frames.dim() < 2:
@@ -153,8 +160,8 @@ class MDEQStream:
         if self._shape is None:
             return
         if frames.shape[0] != self._shape[0]:
-            raise ValueError(f"this stream holds {self._shape[0]} streams but got {frames.shape[0]} frames: one frame "
-                             f"per stream; call reset() (all streams) before changing the number of streams")
+            raise ValueError(f"this MDEQStream holds {self._shape[0]} streams but got {frames.shape[0]} frames: one "
+                             f"frame per stream; call reset() (all streams) before changing the number of streams")
         if tuple(frames.shape[1:]) != self._shape[1:]:
             raise ValueError(f"frames of shape {tuple(frames.shape[1:])}, but the streams' state belongs to frames "
                              f"of {self._shape[1:]}: the equilibrium depends on the frame size; call reset() to start "

@@ -208,7 +208,7 @@ def test_folder_needs_class_names(tmp_path):
 def test_factory(city, tmp_path, monkeypatch):
     assert isinstance(build_segmentation_dataset("cityscapes", city, "val"), CityscapesDataset)
     with pytest.raises(ValueError, match=r"unknown segmentation dataset 'voc'; choices: \['cityscapes', 'folder', "
-                                         r"'synthetic'\]"):
+                                         r"'synthetic', 'synthetic_video'\]"):
         build_segmentation_dataset("voc", city, "val")
     with pytest.raises(ValueError, match="fixed 19 Cityscapes classes"):
         build_segmentation_dataset("cityscapes", city, "val", classes=["a"])

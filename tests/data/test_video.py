@@ -364,3 +364,22 @@ def test_factory_and_default_set(tmp_path, monkeypatch, synth):
     stamps = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
     build_video_dataset("synthetic_video", None, "val")
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()} == stamps  # not rewritten
+
+
+def test_the_generated_frames_train_as_stills(monkeypatch, tmp_path):
+    """data=synthetic_video in train_seg: every frame of the generated clips is one still image with its labels."""
+    from mdeq.data import synthetic_video
+    from mdeq.data.factory import build_segmentation_dataset
+
+    monkeypatch.setenv("MDEQ_DATA", str(tmp_path / "cache"))
+    monkeypatch.setattr(synthetic_video, "SYNTHETIC_VIDEO_SPLITS", {"train": 2, "val": 1})
+    monkeypatch.setattr(synthetic_video, "SYNTHETIC_VIDEO_FRAMES", 3)
+    monkeypatch.setattr(synthetic_video, "SYNTHETIC_VIDEO_SIZE", (32, 64))
+    train = build_segmentation_dataset("synthetic_video", None, "train")
+    video = build_video_dataset("synthetic_video", None, "train")
+    assert len(train) == 6 and train.num_classes == 19
+    image, mask = train[4]
+    want_image, want_mask = video.load_frame(1, 1)
+    assert torch.equal(image, want_image) and torch.equal(mask, want_mask)
+    with pytest.raises(ValueError, match="fixed 19 Cityscapes classes"):
+        build_segmentation_dataset("synthetic_video", None, "train", classes=["a"])

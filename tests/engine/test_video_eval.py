@@ -44,6 +44,19 @@ def _scratch_reference(model, data, settings):
     return cm.compute().miou
 
 
+def _one_stream_per_clip(model, data, settings):
+    """mIoU of every clip run alone through its own ``mdeq.stream``, frame by frame."""
+    cm = ConfusionMatrix(data.num_classes, data.ignore_index)
+    for c in range(len(data)):
+        run = mdeq.stream(model, **settings)
+        for t in range(data.num_frames(c)):
+            image, mask = data.load_frame(c, t)
+            pred = F.interpolate(run(image[None]), size=image.shape[-2:], mode="bilinear",
+                                 align_corners=False).argmax(1)
+            cm.update(pred[0], mask)
+    return cm.compute().miou
+
+
 @pytest.mark.parametrize("streams", [1, 2])
 def test_scratch_scores_every_annotated_frame_once(seg, clips, streams):
     settings = budget_options(seg.deq.options, 2)
@@ -58,15 +71,7 @@ def test_scratch_scores_every_annotated_frame_once(seg, clips, streams):
 def test_streaming_matches_mdeq_stream_clip_by_clip(seg, clips):
     settings = budget_options(seg.deq.options, 1)
     res = evaluate_video(seg, clips, streaming=True, settings=settings, streams=2, progress=False)
-    cm = ConfusionMatrix(clips.num_classes, clips.ignore_index)
-    for c in range(len(clips)):  # each clip alone through its own stream
-        run = mdeq.stream(seg, **settings)
-        for t in range(clips.num_frames(c)):
-            image, mask = clips.load_frame(c, t)
-            pred = F.interpolate(run(image[None]), size=image.shape[-2:], mode="bilinear",
-                                 align_corners=False).argmax(1)
-            cm.update(pred[0], mask)
-    assert res.miou == pytest.approx(cm.compute().miou, abs=1e-9)
+    assert res.miou == pytest.approx(_one_stream_per_clip(seg, clips, settings), abs=1e-9)
     assert res.streaming and res.evals_per_frame == 1.0 and res.frames == 18
 
 
@@ -94,4 +99,34 @@ def test_a_set_without_labels_is_refused(seg, tmp_path):
     data = build_video_dataset("video_folder", tmp_path, "val", classes=[f"c{i}" for i in range(19)],
                                require_labels=False)
     with pytest.raises(ValueError, match="no annotated frame"):
+        evaluate_video(seg, data, streaming=True, settings=dict(max_iter=1), progress=False)
+
+
+def _write_folder_video(root, lengths, size=(32, 64), odd=None):
+    """images/val/<clip>/f<t>.png with masks; ``odd`` = (clip, frame) written at another size."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c, n in enumerate(lengths):
+        for t in range(n):
+            h, w = (size[0], 2 * size[1]) if odd == (c, t) else size
+            for kind, array in (("images", rng.integers(0, 256, (h, w, 3))), ("masks", rng.integers(0, 19, (h, w)))):
+                path = root / kind / "val" / f"clip{c}" / f"f{t}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(array.astype(np.uint8)).save(path)
+    return build_video_dataset("video_folder", root, "val", classes=[f"c{i}" for i in range(19)])
+
+
+def test_parallel_streams_over_clips_of_different_lengths_match_one_stream_per_clip(seg, tmp_path):
+    data = _write_folder_video(tmp_path, [3, 5, 2])
+    settings = budget_options(seg.deq.options, 1)
+    res = evaluate_video(seg, data, streaming=True, settings=settings, streams=2, progress=False)
+    assert res.frames == res.scored == 10 and res.after_cut == []  # no cuts known in this layout
+    assert res.miou == pytest.approx(_one_stream_per_clip(seg, data, settings), abs=1e-9)
+
+
+def test_a_clip_that_changes_size_is_named(seg, tmp_path):
+    data = _write_folder_video(tmp_path, [3], odd=(0, 2))
+    with pytest.raises(ValueError, match=r"clip 'clip0' changes its frame size at frame 2 \(32x64 -> 32x128\)"):
         evaluate_video(seg, data, streaming=True, settings=dict(max_iter=1), progress=False)

@@ -11,7 +11,7 @@ import mdeq
 from mdeq.core import DEQ, list_solvers
 from mdeq.core.solvers import root_solvers
 
-SIZE = 16  # mdeq_tiny's smallest input: 4 branches of 8, 4, 2, 1
+SIZE = 16  # mdeq_tiny: 2 branches of 16 and 8
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +113,12 @@ def test_reset_restarts_only_the_selected_streams(model, video):
         run.reset(torch.tensor([True, False, True]))
     with pytest.raises(ValueError, match=r"in \[0, 2\)"):
         run.reset([5])
+    run.reset([])  # no stream
+    assert run.fresh.tolist() == [True, False]
+    fresh_run = mdeq.stream(model, max_iter=3)
+    fresh_run.reset([])  # before the first frame: checked as far as it can be, nothing to restart
+    with pytest.raises(ValueError, match="bool mask or stream indices"):
+        fresh_run.reset(torch.tensor([0.5, 1.0]))
 
 
 def test_skip_deq_first_frame_is_the_prediction_later_frames_the_previous_equilibrium(video):
@@ -162,12 +168,13 @@ def test_bad_input_names_reset(model, video):
         run(torch.randn(2, 3, 2 * SIZE, 2 * SIZE))
     run.reset()
     assert run(torch.randn(3, 3, 2 * SIZE, 2 * SIZE)).shape == (3, 5)
-    model.train()
-    try:
-        with pytest.raises(RuntimeError, match="eval mode.*model.eval"):
-            run(torch.randn(3, 3, 2 * SIZE, 2 * SIZE))
-    finally:
-        model.eval()
+    for part in (model, model.classifier):  # the model, or any part of it, in train mode
+        part.train()
+        try:
+            with pytest.raises(RuntimeError, match="eval mode.*model.eval"):
+                run(torch.randn(3, 3, 2 * SIZE, 2 * SIZE))
+        finally:
+            model.eval()
     with pytest.raises(ValueError, match="max_iter must be a positive integer"):
         mdeq.stream(model, max_iter=0)
     with pytest.raises(ValueError, match="no MDEQ found"):
@@ -205,6 +212,33 @@ def test_features_only_and_segmentation_models_stream(video):
     assert stats.nfe == 2 and not math.isnan(float(stats.rel_residual.mean()))
 
 
+def test_a_model_with_two_mdeqs_keeps_a_state_for_each(video):
+    class Pair(torch.nn.Module):
+        def __init__(self, a, b):
+            super().__init__()
+            self.a, self.b = a, b
+
+        def forward(self, x):
+            return self.a(x) + self.b(x)
+
+    torch.manual_seed(0)
+    a, b = (timm.create_model("mdeq_tiny", num_classes=5).eval() for _ in range(2))
+    run = mdeq.stream(Pair(a, b).eval(), max_iter=2)
+    ra, rb = mdeq.stream(a, max_iter=2), mdeq.stream(b, max_iter=2)
+    for x in video:
+        torch.testing.assert_close(run(x), ra(x) + rb(x), rtol=1e-5, atol=1e-6)
+    assert sorted(run.stats) == sorted(run.state) == ["a.fullstage", "b.fullstage"]
+
+
+def test_a_channels_last_model_streams_in_channels_last(model, video):
+    cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    run, ref = mdeq.stream(cl, max_iter=3), mdeq.stream(model, max_iter=3)
+    for x in video:
+        torch.testing.assert_close(run(x.contiguous(memory_format=torch.channels_last)), ref(x), rtol=1e-4,
+                                   atol=1e-5)
+    assert all(t.is_contiguous(memory_format=torch.channels_last) for t in run.state["fullstage"])
+
+
 def test_deq_warm_mask_and_temporarily():
     """The core: warm samples start from z0 whatever init says; all warm = no initial guess computed."""
     torch.manual_seed(0)
@@ -224,10 +258,15 @@ def test_deq_warm_mask_and_temporarily():
         z, _ = deq(f, z0, predictor=predictor, warm=torch.tensor([True, False, True]))
     torch.testing.assert_close(z, torch.stack([f(z0[0]), f(torch.full((4,), 0.5)), f(z0[2])]))
     calls.clear()
-    deq.configure(init="skip_reg")
     with torch.no_grad():
-        _, stats = deq(f, z0, warm=torch.ones(3, dtype=torch.bool))
-    assert stats.nfe == 1 and not calls  # no f(z0) start, no prediction
+        z, stats = deq(f, z0, predictor=predictor, warm=torch.ones(3, dtype=torch.bool))
+    torch.testing.assert_close(z, f(z0))
+    assert stats.nfe == 1 and not calls  # every sample warm: no prediction
+    deq.configure(init="skip_reg")  # its start f(z0) is one step from any z0: warm or not, exactly k evaluations
+    with torch.no_grad():
+        z, stats = deq(f, z0, warm=torch.tensor([True, False, True]))
+    torch.testing.assert_close(z, f(f(z0)))
+    assert stats.nfe == 2
     with pytest.raises(ValueError, match=r"warm must be a bool tensor of shape \(3,\)"):
         deq(f, z0, warm=torch.ones(2, dtype=torch.bool))
     before = deq.settings

@@ -250,4 +250,7 @@ def test_eval_seg_streams_a_video_and_compares_with_from_scratch_solves(seg_run,
     assert bad.returncode != 0 and "--stream needs a video --dataset" in bad.stderr
     bad = run_tool("eval_seg.py", [str(ckpt), "--stream", "--dataset", "cityscapes_sequence", "--data-root",
                                    str(video), "--flip"], cwd=tmp_path, check=False)
-    assert bad.returncode != 0 and "one whole-frame pass per frame" in bad.stderr
+    assert bad.returncode != 0 and "one whole-frame pass per frame" in bad.stderr and "--flip" in bad.stderr
+    bad = run_tool("eval_seg.py", [str(ckpt), "--budget", "2", "--dataset", "cityscapes", "--data-root", str(video)],
+                   cwd=tmp_path, check=False)
+    assert bad.returncode != 0 and "--budget and --streams belong to video evaluation" in bad.stderr
