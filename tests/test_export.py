@@ -357,3 +357,5 @@ def test_streaming_segmentation_module():
             assert out.shape == (2, 3, 8, 8)
             _close_or_both_nan(out, eager(x))
     assert "streaming" in repr(net)
+    with pytest.raises(ValueError, match=r"state must be \(B, \d+\) and fresh \(B,\) bool.*start\(frames\)"):
+        net(x, state[:, :-1], fresh)

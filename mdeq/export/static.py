@@ -216,6 +216,10 @@ class FixedBudgetStream(FixedBudgetModel):
         stage = self.net.fullstage
         zeros = stage.stage.initial_state(injection)
         shapes = [tuple(t.shape[1:]) for t in zeros]
+        size = sum(int(torch.Size(s).numel()) for s in shapes)
+        if state.dim() != 2 or state.shape[1] != size or fresh.dim() != 1:
+            raise ValueError(f"state must be (B, {size}) and fresh (B,) bool for frames of {tuple(images.shape[1:])} "
+                             f"(start(frames) gives them), got {tuple(state.shape)} and {tuple(fresh.shape)}")
         start = torch.where(fresh[:, None], torch.zeros_like(state), state)
         zs = stage(injection, _unpack(start.to(zeros[0].dtype), shapes), warm=~fresh)
         out = self.net.forward_states(zs)

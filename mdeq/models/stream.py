@@ -15,8 +15,7 @@ hand the stage each stream's previous equilibrium as its start ``z0`` with ``war
 one; a stream's first frame (and the first after ``reset``) starts as the model does (zeros, or the Skip DEQ
 prediction: ``DEQ``'s ``warm`` mask), and the stage's output becomes that stream's state. The per-frame settings
 (``deq_options``, validated once when the stream is made) apply during the frame only (``DEQ.temporarily``), so the
-model's own settings stay. Frames run
-under ``no_grad`` in eval mode: no autograd graph is kept from frame to frame.
+model's own settings stay. Frames run under ``no_grad`` in eval mode: no autograd graph is kept from frame to frame.
 
 Faults: a frame that is not finite (or whose equilibrium is not) gives that stream a NaN output (as the model
 does) and restarts its state, so the next frame starts clean; a batch with another number of streams or another
