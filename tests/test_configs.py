@@ -197,3 +197,103 @@ def test_every_experiment_file_is_covered():
     files = {p.stem for p in (CONFIGS / "experiment").glob("*.yaml")}
     assert files == set(OFFICIAL) | set(SEG_OFFICIAL) | set(CHEAP) | set(FAST) | {
         "digits_tiny", "digits_ode", "synthetic_seg", "imagenet_small_skip", "imagenet_small_skip_reg"}
+
+
+# ---------------------------------------------------------------------------------------------- field by field
+# The original experiment files' values (locuslab/mdeq and locuslab/deq, v2 YAMLs; shared notes §2.2-2.3), one
+# entry per official experiment config. batch is the original's per-GPU batch and gpus its GPU count: the configs
+# hold the per-process batch, which torchrun --nproc_per_node=<gpus> multiplies back into the original's global batch.
+_CIFAR = dict(opt="adam", lr=1e-3, sched="cosine", epochs=220, size=32, eval="whole 32x32",
+              mean=(0.4914, 0.4822, 0.4465), std=(0.2023, 0.1994, 0.2010), stop_mode="rel", jac=(0.0, 0.0),
+              augment="pad 4 + random crop 32 + hflip 0.5")
+_IMAGENET = dict(opt="sgd", lr=0.05, sched="cosine", epochs=100, size=224, eval="resize 256 + center crop 224",
+                 mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), stop_mode="abs", jac=(0.0, 0.0),
+                 augment="random-resized crop 224 (0.08-1, 3/4-4/3) + hflip 0.5", batch=32, gpus=4,
+                 pretrain_steps=510000, dropout=0.0, f_thres=26, b_thres=27)
+ORIGINAL = {
+    "cifar10_tiny": dict(_CIFAR, source="cls_mdeq_TINY.yaml", model="mdeq_tiny", weight_decay=2.5e-6, epochs=50,
+                         batch=64, gpus=2, pretrain_steps=3000, depth=10, f_thres=18, b_thres=20, dropout=0.25,
+                         augment="none"),
+    "cifar10_large": dict(_CIFAR, source="cls_mdeq_LARGE.yaml", model="mdeq_cifar_large", weight_decay=0.0, batch=32,
+                          gpus=4, pretrain_steps=20000, depth=10, f_thres=18, b_thres=20, dropout=0.3),
+    "cifar10_large_jr": dict(_CIFAR, source="cls_mdeq_LARGE_reg.yaml", model="mdeq_cifar_large", weight_decay=0.0,
+                             batch=96, gpus=1, pretrain_steps=16000, depth=8, f_thres=8, b_thres=7, dropout=0.22,
+                             jac=(0.4, 0.02)),
+    "imagenet_small": dict(_IMAGENET, source="cls_mdeq_SMALL.yaml", model="mdeq_small", weight_decay=5e-5, depth=5),
+    "imagenet_large": dict(_IMAGENET, source="cls_mdeq_LARGE.yaml", model="mdeq_large", weight_decay=1e-4, depth=4),
+    "imagenet_xl": dict(_IMAGENET, source="cls_mdeq_XL.yaml", model="mdeq_xl", weight_decay=1e-4, depth=4, gpus=8),
+    "imagenet_small_jr": dict(_IMAGENET, source="cls_mdeq_SMALL_reg.yaml", model="mdeq_small", lr=0.04,
+                              weight_decay=2e-5, depth=5, f_thres=14, b_thres=14, dropout=0.02, jac=(2.5, 0.08)),
+    "imagenet_large_jr": dict(_IMAGENET, source="cls_mdeq_LARGE_reg.yaml", model="mdeq_large", weight_decay=1e-4,
+                              depth=4, f_thres=14, b_thres=14, jac=(3.0, 0.08)),
+    "imagenet_xl_jr": dict(_IMAGENET, source="LARGE_reg's recipe on XL (no official XL_reg)", model="mdeq_xl",
+                           weight_decay=1e-4, depth=4, gpus=8, f_thres=14, b_thres=14, jac=(3.0, 0.08)),
+}
+# (experiment, field) -> why the config differs from the original file; each must still differ (no stale reasons)
+DIFFERENCES = {
+    ("imagenet_xl", "pretrain_steps"): "v2's 510,000 exceeds the ~500,500 steps of 100 epochs at batch 256, so DEQ "
+                                       "mode would never start; v1's 400,000 is kept",
+    ("imagenet_xl_jr", "pretrain_steps"): "as imagenet_xl: v1's 400,000",
+    ("cifar10_tiny", "batch"): "the original's global batch (64 per GPU x 2) in one process, where CIFAR fits; "
+                               "data.batch_size=64 under torchrun --nproc_per_node=2",
+    ("cifar10_large", "batch"): "the global batch (32 per GPU x 4) in one process; data.batch_size=32 under "
+                                "torchrun --nproc_per_node=4",
+}
+
+
+def _config_values(c):
+    """The comparable fields of a composed train_cls config, nulls resolved as the tools resolve them."""
+    from mdeq.models.config import CLS_PRESETS
+
+    preset = CLS_PRESETS[c.model.name]
+    kwargs = {k: v for k, v in c.model.kwargs.items() if v is not None}
+    cfg = _pretrained_cfg(c.model.name)
+    size = c.data.overrides.input_size or cfg["input_size"][-1]
+    crop_pct = c.data.overrides.crop_pct or cfg["crop_pct"]
+    aug = c.data.aug
+    if aug.policy == "pad_crop" and (aug.padding or aug.hflip):
+        augment = f"pad {aug.padding} + random crop {size} + hflip {aug.hflip}"
+    elif aug.policy == "pad_crop":
+        augment = "none"
+    else:
+        ratio = "3/4-4/3" if [round(r, 4) for r in aug.ratio] == [0.75, 1.3333] else list(aug.ratio)
+        augment = f"random-resized crop {size} ({aug.scale[0]:g}-{aug.scale[1]:g}, {ratio}) + hflip {aug.hflip}"
+    assert not aug.color_jitter and not aug.auto_augment and not aug.re_prob  # the originals use none of these
+    resize = round(size / crop_pct)
+    return dict(
+        model=c.model.name, opt=c.optim.opt, lr=c.optim.lr, sched=c.sched.sched, weight_decay=c.optim.weight_decay,
+        epochs=c.train.epochs, batch=c.data.batch_size, pretrain_steps=c.schedule.pretrain_steps,
+        depth=c.schedule.unroll_steps or kwargs.get("num_layers", preset.num_layers),
+        f_thres=c.deq.max_iter - 1, b_thres=c.deq.b_max_iter - 1, stop_mode=c.deq.stop_mode,
+        dropout=kwargs.get("dropout", preset.dropout), jac=(c.schedule.jac.weight, c.schedule.jac.freq),
+        augment=augment, size=size,
+        eval=f"whole {size}x{size}" if crop_pct == 1.0 else f"resize {resize} + center crop {size}",
+        mean=tuple(c.data.overrides.mean or cfg["mean"]), std=tuple(c.data.overrides.std or cfg["std"]))
+
+
+def _pretrained_cfg(name):
+    import timm
+
+    import mdeq  # noqa: F401 (registers the models)
+
+    return timm.create_model(name, pretrained=False).pretrained_cfg
+
+
+def test_every_official_experiment_matches_the_original_field_by_field():
+    experiments = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml")
+                         if p.stem.startswith(("imagenet", "cifar")) and not p.stem.endswith(("_fast", "_skip",
+                                                                                             "_skip_reg")))
+    assert experiments == sorted(ORIGINAL), "every official classification experiment has its row here"
+    problems, stale = [], []
+    for name in experiments:
+        want, got = ORIGINAL[name], _config_values(_compose(name))
+        for field, value in got.items():
+            expected = want[field]
+            same = (value == pytest.approx(expected) if isinstance(expected, (float, tuple)) else value == expected)
+            reason = DIFFERENCES.get((name, field))
+            if not same and reason is None:
+                problems.append(f"{name}.{field}: config {value!r}, original ({want['source']}) {expected!r}")
+            elif same and reason is not None:
+                stale.append(f"{name}.{field} is now the original's; drop the reason {reason!r}")
+    assert not problems, "configs differ from the original files:\n" + "\n".join(problems)
+    assert not stale, "\n".join(stale)

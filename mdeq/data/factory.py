@@ -1,8 +1,8 @@
 """Which dataset a data config names: one factory per task.
 
-* Classification: ``data.name`` is a builtin dataset (``CLASSIFICATION_BUILTINS``: the bundled digits, written
-  once into a cache) or anything else with ``data.root`` an ImageFolder root (``imagefolder``, ``cifar10``, your
-  own). A new builtin is a function that writes its ImageFolder tree and returns the root, registered here, plus
+* Classification: ``data.name`` is a builtin dataset (``CLASSIFICATION_BUILTINS``: the bundled digits, CIFAR-10
+  and CIFAR-100 from torchvision's archives, each written once into a cache) or anything else with ``data.root`` an
+  ImageFolder root (``imagefolder``, your own). A new builtin is a function that writes its ImageFolder tree and returns the root, registered here, plus
   its config in ``mdeq/configs/data/``.
 * Segmentation: ``"cityscapes"`` (the official layout), ``"folder"`` (images/ + masks/), ``"synthetic"`` (the
   generated street scenes, built once into a cache) or ``"synthetic_video"`` (the generated video's frames as stills).
@@ -18,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
+from .cifar import prepare_cifar10, prepare_cifar100
 from .cityscapes import CityscapesDataset
 from .classification import ImageFolderDataset, build_imagefolder_datasets, find_split
 from .digits import prepare_digits
@@ -31,7 +32,8 @@ __all__ = ["CLASSIFICATION_BUILTINS", "SEGMENTATION_DATASETS", "classification_r
            "VIDEO_DATASETS", "build_video_dataset"]
 
 PathLike = Union[str, Path]
-CLASSIFICATION_BUILTINS: Dict[str, Callable[[Optional[PathLike]], Path]] = {"digits": prepare_digits}
+CLASSIFICATION_BUILTINS: Dict[str, Callable[[Optional[PathLike]], Path]] = {
+    "digits": prepare_digits, "cifar10": prepare_cifar10, "cifar100": prepare_cifar100}
 SEGMENTATION_DATASETS = ("cityscapes", "folder", "synthetic", "synthetic_video")
 VIDEO_DATASETS = ("synthetic_video", "cityscapes_sequence", "video_folder")
 
