@@ -1,6 +1,7 @@
 """Telling the user, once, that a training run is going wrong: its loss grows far above where it started, or its
 validation score stays at chance level once the model is past its warm-up (pre-training, warmup): two validations
-in a row, or the last one.
+in a row, or the last one; or that it is held back: the model waited for data more than a fifth of an epoch's
+training time (the loader is the bottleneck, not the model).
 
 A run with ``optim.lr=1e4`` used to end "successfully" at chance with a loss 100x its start and no word. The
 checks here are cheap (a few floats per log point and per validation), never stop the run, warn in the log once each
@@ -12,12 +13,13 @@ import logging
 import math
 from typing import Any, Dict, List, Mapping, Optional
 
-__all__ = ["TrainingHealth", "LOSS_GROWTH", "CHANCE_MARGIN"]
+__all__ = ["TrainingHealth", "LOSS_GROWTH", "CHANCE_MARGIN", "DATA_WAIT_FRACTION"]
 
 _log = logging.getLogger("mdeq.train")
 
 LOSS_GROWTH = 4.0     # a window's mean loss above this multiple of the first window's (and 1 above it) is "growing"
 CHANCE_MARGIN = 0.02  # a validation accuracy within 2 points of always predicting the most frequent class is chance
+DATA_WAIT_FRACTION = 0.2  # an epoch whose training waited this share of its time (or more) for the next batch
 
 
 class TrainingHealth:
@@ -65,6 +67,16 @@ class TrainingHealth:
         if value > LOSS_GROWTH * self.start and value > self.start + 1.0:
             self._warn("loss", f"the training loss grows: {value:.4g} at step {step}, {value / self.start:.0f}x its "
                                f"start ({self.start:.4g}); the run is likely diverging. Check {self.settings}")
+
+    def data_wait(self, waited: float, total: float, epoch: int, workers: int) -> None:
+        """An epoch's training spent ``waited`` of ``total`` seconds waiting for the next batch (the first batch, the
+        loader's start, not counted); more than ``DATA_WAIT_FRACTION`` is worth saying."""
+        if total <= 0 or waited / total < DATA_WAIT_FRACTION:
+            return
+        self._warn("data", f"the model waited for data {100 * waited / total:.0f}% of epoch {epoch}'s training time "
+                           f"({waited:.1f} of {total:.1f} s): loading and augmenting the images limits this run, not "
+                           f"the model. Raise data.workers (now {workers}), keep the data on faster storage, or "
+                           f"lighten the augmentation; `python tools/benchmark.py train` times the pipeline alone")
 
     def validated(self, accuracy: Optional[float], chance: Optional[float], train_loss: Optional[float],
                   past_warmup: bool, epoch: int, final: bool = False) -> None:

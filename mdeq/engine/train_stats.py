@@ -1,4 +1,5 @@
-"""Running means of a training window (loss, throughput, solver statistics) for TensorBoard."""
+"""Running means of a training window (loss, throughput, solver statistics) for TensorBoard, and the time the
+training loop waits for its loader."""
 from __future__ import annotations
 
 import time
@@ -6,7 +7,7 @@ from typing import Dict, Optional
 
 from ..core import SolverStats
 
-__all__ = ["StatsWindow"]
+__all__ = ["StatsWindow", "LoaderWaitClock"]
 
 
 class StatsWindow:
@@ -22,6 +23,7 @@ class StatsWindow:
         self.diverged = 0
         self.last_loss = 0.0
         self.task_loss = 0.0  # the task's loss alone (no DEQ terms), summed
+        self.data_seconds = 0.0  # time the window waited for the loader (set by the loop)
 
     def add(self, loss: float, samples: int, stats: Optional[SolverStats], task_loss: Optional[float] = None) -> int:
         """One optimizer step: its loss (and ``task_loss``, without the DEQ terms; default the same), the samples it
@@ -58,3 +60,29 @@ class StatsWindow:
 
     def seconds(self) -> float:
         return max(time.perf_counter() - self.t, 1e-9)
+
+
+class LoaderWaitClock:
+    """Seconds a loop waits for its loader's next batch (``timed(loader)``), the first batch (workers starting)
+    not counted; ``take()`` returns the wait since the last ``take``, ``total`` all of it."""
+
+    def __init__(self):
+        self.total = 0.0
+        self._taken = 0.0
+
+    def timed(self, loader):
+        it, first = iter(loader), True
+        while True:
+            t = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            if not first:
+                self.total += time.perf_counter() - t
+            first = False
+            yield batch
+
+    def take(self) -> float:
+        waited, self._taken = self.total - self._taken, self.total
+        return waited

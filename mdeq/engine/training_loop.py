@@ -51,7 +51,7 @@ from .run_state import Progress, RunParts, check_resumable, restore_run_state, r
 from .preemption import StopSignals
 from .solver_health import warn_diverged
 from .train_health import TrainingHealth
-from .train_stats import StatsWindow
+from .train_stats import LoaderWaitClock, StatsWindow
 
 __all__ = ["Trainer"]
 
@@ -353,8 +353,9 @@ class Trainer(ABC):
                    desc=f"epoch {p.epoch + 1}/{self.epochs}", disable=not (self.progress_bars and env.is_main))
         window = StatsWindow()
         micro: List = []
-        t_epoch = time.perf_counter()
-        for images, targets in loader:
+        t_epoch = t_start = time.perf_counter()
+        clock = LoaderWaitClock()
+        for images, targets in clock.timed(loader):
             micro.append((images, targets))
             if len(micro) < self.accum:
                 continue
@@ -376,6 +377,7 @@ class Trainer(ABC):
             self.scheduler.step_update(num_updates=p.step)
             bar.update(1)
             if p.step % log_every == 0 or p.step == total_steps:
+                window.data_seconds = clock.take()
                 last_loss = self._log_window(window, plan)
                 bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{self._lr():.2e}", phase=plan.phase)
                 window = StatsWindow()
@@ -391,6 +393,8 @@ class Trainer(ABC):
                 self._save_and_stop()
         p.train_seconds += time.perf_counter() - t_epoch
         bar.close()
+        if env.is_main:
+            self.health.data_wait(clock.total, time.perf_counter() - t_start, p.epoch, loader.num_workers)
 
     def _save_and_stop(self) -> None:
         """A stop signal came (to any rank, after a step or an epoch): save ``last.pth`` and end the tool with
@@ -474,7 +478,8 @@ class Trainer(ABC):
         """Log the window's means (the loss averaged over the ranks); returns that loss."""
         loss, n = all_reduce_sum([w.loss, w.n], self.env)
         loss = loss / max(n, 1)
-        scalars = {"train/loss": loss, "train/lr": self._lr(), "train/samples_per_s": w.samples / w.seconds()}
+        scalars = {"train/loss": loss, "train/lr": self._lr(), "train/samples_per_s": w.samples / w.seconds(),
+                   "train/data_wait_fraction": w.data_seconds / w.seconds()}
         if self.equilibria:
             scalars.update({"train/phase": 0.0 if plan.phase == PRETRAIN else 1.0, **w.deq_scalars(),
                             "deq/jac_weight": plan.jac_weight})
@@ -594,3 +599,4 @@ def _short(v: Any) -> str:
 def _hparams(cfg: Mapping[str, Any]) -> Dict[str, Any]:
     keep = ("model", "deq", "schedule", "data", "optim", "sched", "train")
     return {k: v for k, v in cfg.items() if k in keep}
+

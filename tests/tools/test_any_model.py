@@ -195,8 +195,32 @@ def test_a_run_that_goes_wrong_says_so(digits_small, resnet_run, tmp_path):
     assert any(w.startswith("the training loss grows") and "optim.lr=10000.0" in w for w in m["warnings"])
     assert any("chance level" in w for w in m["warnings"])
     assert json.loads((tmp_path / "metrics.json").read_text())["warnings"] == m["warnings"]
-    run_dir, _ = resnet_run  # a run that learns: no warning
-    assert json.loads((run_dir / "metrics.json").read_text())["warnings"] == []
+    run_dir, _ = resnet_run  # a run that learns: no warning (a loader-bound one may be told so: data.workers=0 here)
+    warned = json.loads((run_dir / "metrics.json").read_text())["warnings"]
+    assert [w for w in warned if not w.startswith("the model waited for data")] == []
+
+
+def test_a_run_waiting_for_its_data_says_so(digits_small, tmp_path, monkeypatch):
+    """A loader slower than the model: the log and metrics.json say so once, naming data.workers; TensorBoard gets
+    the share of time spent waiting."""
+    import time
+
+    from mdeq.data.classification import ImageFolderDataset
+
+    from .test_train_cls import scalars
+
+    real = ImageFolderDataset.__getitem__
+
+    def slow(self, index):
+        time.sleep(0.02)  # 10 images a batch: 0.2 s of loading against a step of a few ms
+        return real(self, index)
+
+    monkeypatch.setattr(ImageFolderDataset, "__getitem__", slow)
+    m = train_in_process(explicit_overrides(digits_small, "model.name=test_byobnet", "train.epochs=2"), tmp_path)
+    waited = [w for w in m["warnings"] if w.startswith("the model waited for data")]
+    assert len(waited) == 1 and "data.workers (now 0)" in waited[0] and "epoch 0" in waited[0]
+    fractions = [v for _, v in scalars(tmp_path / "tensorboard")["train/data_wait_fraction"]]
+    assert fractions and max(fractions) > 0.5 and all(0.0 <= f < 1.0 for f in fractions)  # (1st batch: not counted)
 
 
 def test_a_local_dir_model_trains_from_its_weights_with_a_new_head(digits_small, tmp_path):
