@@ -18,6 +18,11 @@ run composes it (``experiment=imagenet_small_fast``: the Skip DEQ start, 4 Ander
 backward, the Jacobian penalty with one probe on a quarter of the steps: its step time is the expected one,
 weighting the medians of steps with and without the penalty by ``jac.freq``). The explicit baseline is timm's
 ``hrnet_w18_small``.
+
+Beside the model steps, one row times the data pipeline alone (``data_pipeline.run_pipeline``: training images
+decoded and augmented per second at the configured loader workers, and the seconds it takes to make one batch of
+``batch``), so a run limited by its loader rather than its model shows in the same table (``data_workers``; -1 skips
+the row).
 """
 from __future__ import annotations
 
@@ -153,8 +158,9 @@ def run_one(model: str, mode: str, max_iter: int, size: int = 224, batch: int = 
 
 def run(configs: Optional[Sequence[Dict]] = None, size: int = 224, batch: int = 8, repeats: int = 2,
         device: str = "cpu", amp: Optional[str] = None, compile_cell: bool = False,
-        threads: Optional[int] = None, progress=print) -> Dict:
-    """Run each configuration in a fresh Python process and collect the rows."""
+        threads: Optional[int] = None, data_workers: Optional[int] = None, progress=print) -> Dict:
+    """Run each configuration in a fresh Python process and collect the rows; then the data pipeline's row
+    (``data_workers`` loader processes, None: the tools' default; -1: no such row)."""
     configs = list(configs or default_configs())
     rows = []
     for c in configs:
@@ -166,8 +172,16 @@ def run(configs: Optional[Sequence[Dict]] = None, size: int = 224, batch: int = 
                  f"samples/s  peak {row['peak_mb']:8.1f} MB  saved {row['saved_mb']:8.1f} MB")
     import torch
 
-    return dict(rows=rows, settings=dict(size=size, batch=batch, repeats=repeats, device=device, amp=amp,
-                                         compile=compile_cell, threads=threads or torch.get_num_threads()),
+    pipeline = None
+    if data_workers is None or data_workers >= 0:
+        from .data_pipeline import run_pipeline
+
+        pipeline = run_pipeline(size=size, batch=batch, workers=data_workers)
+        progress(f"  data pipeline ({pipeline['workers']} workers): {pipeline['images_per_s']:8.1f} images/s, "
+                 f"{pipeline['step_s']:.3f} s per batch of {batch}")
+    return dict(rows=rows, pipeline=pipeline,
+                settings=dict(size=size, batch=batch, repeats=repeats, device=device, amp=amp,
+                              compile=compile_cell, threads=threads or torch.get_num_threads()),
                 environment=dict(torch=torch.__version__), checks=_checks(rows))
 
 
@@ -196,6 +210,10 @@ def to_markdown(result: Dict) -> str:
         nfe = f"{r['fwd_nfe']} / {r['bwd_nfe']}" if r["mode"] != "explicit" else "-"
         lines.append(f"| {r['model']} | {r['mode']} | {r['max_iter'] or '-'} | {nfe} | {r['samples_per_s']:.2f} | "
                      f"{r['step_s']:.3f} | {r['peak_mb']:.1f} | {r['saved_mb']:.1f} |")
+    d = result.get("pipeline")
+    if d:
+        lines.append(f"| data pipeline alone ({d['workers']} loader workers: decode + random-resized crop + flip) | - "
+                     f"| - | - | {d['images_per_s']:.2f} | {d['step_s']:.3f} | - | - |")
     if result.get("checks"):
         lines += ["", "Checks: " + ", ".join(f"{k}={v}" for k, v in result["checks"].items())]
     return "\n".join(lines) + "\n"

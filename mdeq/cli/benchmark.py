@@ -9,7 +9,8 @@ solvers   f-evaluations, wall time and solver-overhead ratio of every solver on 
 models    eval forward time, f-evaluations and residual of mdeq_tiny / mdeq_small per solver
           (see mdeq/benchmarks/models.py)
 train     samples/s and peak memory of a training step: mdeq_small in DEQ mode and unrolled at
-          max_iter 8/16/32, and hrnet_w18_small (see mdeq/benchmarks/training.py)
+          max_iter 8/16/32, and hrnet_w18_small, beside the data pipeline alone (images/s decoded and augmented at
+          the configured loader workers; see mdeq/benchmarks/training.py and data_pipeline.py)
 seg       eval forward time, solver steps and peak memory of the mdeq_small segmentation model at
           512x1024 and 1024x2048 (batch 1), DEQ mode and unrolled (see mdeq/benchmarks/segmentation.py)
 budget    trains plain DEQ, DEQ + JR, phantom gradient, Skip DEQ, Skip Reg. DEQ, continuous DEQ, the residual
@@ -90,6 +91,8 @@ def _main(argv=None) -> int:
     t.add_argument("--amp", choices=["bf16", "fp16"], help="autocast dtype")
     t.add_argument("--compile", action="store_true", help="torch.compile the equilibrium cell")
     t.add_argument("--no-baseline", action="store_true", help="skip hrnet_w18_small")
+    t.add_argument("--data-workers", type=int, default=None, help="loader workers of the data-pipeline row "
+                   "(default: the tools' default, the cores this process may use; -1: no such row)")
     t.add_argument("--threads", type=int, default=None)
     t.add_argument("--out", type=Path, default=Path("results/benchmarks"))
     g = sub.add_parser("seg", help="segmentation forward time, solver steps and peak memory, DEQ vs unrolled")
@@ -191,7 +194,8 @@ def _main(argv=None) -> int:
         if args.no_baseline:
             configs = [c for c in configs if c["mode"] != "explicit"]
         result = train_bench.run(configs, size=args.size, batch=args.batch, repeats=args.repeats,
-                                 device=args.device, amp=args.amp, compile_cell=args.compile, threads=args.threads)
+                                 device=args.device, amp=args.amp, compile_cell=args.compile, threads=args.threads,
+                                 data_workers=args.data_workers)
         suffix = f"training_{args.device.split(':')[0]}" + (f"_{args.amp}" if args.amp else "") + (
             "_compile" if args.compile else "")
         paths = train_bench.save(result, args.out, suffix)

@@ -2,6 +2,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -58,8 +60,13 @@ def test_model_benchmark_reports_every_solver(tmp_path):
 def test_training_benchmark_deq_memory_is_flat_and_unroll_grows(tmp_path):
     tool = _load_tool()
     assert tool.main(["train", "--model", "mdeq_tiny", "--size", "32", "--batch", "2", "--iters", "2", "6",
-                      "--repeats", "1", "--no-baseline", "--threads", "1", "--out", str(tmp_path)]) == 0
+                      "--repeats", "1", "--no-baseline", "--threads", "1", "--data-workers", "0", "--out",
+                      str(tmp_path)]) == 0
     result = json.loads((tmp_path / "training_cpu.json").read_text())
+    pipe = result["pipeline"]  # the data pipeline alone: generated photos through the training transform
+    assert pipe["workers"] == 0 and pipe["batch"] == 2 and pipe["images"] == 96 and pipe["images_per_s"] > 0
+    assert pipe["step_s"] == pytest.approx(2 / pipe["images_per_s"])
+    assert "| data pipeline alone (0 loader workers" in (tmp_path / "training_cpu.md").read_text()
     rows = {(r["mode"], r["max_iter"]): r for r in result["rows"]}
     # the budgets asked for, the original's Broyden (mdeq_tiny: F_THRES 18) and the fast recipe (4 evaluations)
     assert set(rows) == {("deq", 2), ("deq", 6), ("unroll", 2), ("unroll", 6), ("official", 19), ("fast", 4)}
