@@ -86,9 +86,10 @@ def run(argv=None) -> dict:
     h, w = _input_size(parser, args, loaded, model)
     output = Path(args.output or f"{_stem(args.source)}_k{budget}{'_stream' if args.stream else ''}{FORMATS[fmt]}")
     images = torch.randn(args.batch_size, model.in_chans, h, w, generator=torch.Generator().manual_seed(0))
-    save_exported(net, output, (images, *net.start(images)) if args.stream else images, fmt)
-    what = (f"inputs images (B, {model.in_chans}, {h}, {w}), state (B, {net.start(images[:1])[0].shape[1]}), fresh "
-            f"(B,) bool" if args.stream else f"input (B, {model.in_chans}, {h}, {w})")
+    example = (images, *net.start(images)) if args.stream else images
+    save_exported(net, output, example, fmt)
+    what = (f"inputs images (B, {model.in_chans}, {h}, {w}), state (B, {example[1].shape[1]}), fresh (B,) bool"
+            if args.stream else f"input (B, {model.in_chans}, {h}, {w})")
     print(f"wrote {output} ({fmt}): {loaded.description} at {net.plan.describe()}"
           f"{', streaming' if args.stream else ''}; {what} with a dynamic batch B")
     result = dict(path=str(output), format=fmt, budget=budget, input_size=[model.in_chans, h, w],

@@ -15,10 +15,13 @@ from .cityscapes_labels import (CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, IGNORE_I
 from .errors import DatasetLayoutError
 from .segmentation import SegmentationDataset, allowed_values, existing_dirs, read_label_file
 
-__all__ = ["CityscapesDataset", "cityscapes_layout_help", "read_cityscapes_label", "LABEL_SUFFIXES"]
+__all__ = ["CityscapesDataset", "cityscapes_layout_help", "read_cityscapes_label", "label_order", "split_folder",
+           "left_images",
+           "LABEL_SUFFIXES", "LABEL_TYPES"]
 
 PathLike = Union[str, Path]
 LABEL_SUFFIXES = {"labelIds": "_gtFine_labelIds.png", "labelTrainIds": "_gtFine_labelTrainIds.png"}
+LABEL_TYPES = ("auto", "labelIds", "labelTrainIds")
 
 
 def cityscapes_layout_help(root: PathLike) -> str:
@@ -47,6 +50,42 @@ def read_cityscapes_label(path: PathLike) -> np.ndarray:
     return _LUT[read_label_file(path, _OK_IDS, "official Cityscapes label ids 0..33")]
 
 
+def label_order(label_type: str) -> Tuple[str, ...]:
+    """The gtFine label files to look for, preferred first: "auto" takes ``labelTrainIds`` when present, else
+    ``labelIds``; ValueError for a ``label_type`` not in ``LABEL_TYPES``."""
+    if label_type not in LABEL_TYPES:
+        raise ValueError(f"label_type must be one of {list(LABEL_TYPES)}, got {label_type!r}")
+    return ("labelTrainIds", "labelIds") if label_type == "auto" else (label_type,)
+
+
+def split_folder(root: Path, images: str, split: str, layout_help: str, what: str) -> Path:
+    """``root/<images>/<split>`` of a Cityscapes-style tree, or a ``DatasetLayoutError`` naming the part that is
+    missing (and the folders found instead), followed by ``layout_help``."""
+    if not root.is_dir():
+        raise DatasetLayoutError(f"{what} root {root} does not exist or is not a folder; " + layout_help)
+    base = root / images
+    if not base.is_dir():
+        raise DatasetLayoutError(f"no {images} folder in {root} (found folders: {existing_dirs(root) or 'none'}); "
+                                 + layout_help)
+    image_dir = base / split
+    if not image_dir.is_dir():
+        raise DatasetLayoutError(f"no '{split}' split in {base} (found splits: {existing_dirs(base) or 'none'}); "
+                                 + layout_help)
+    return image_dir
+
+
+def left_images(image_dir: Path, what: str, layout_help: str) -> List[Path]:
+    """The ``*_leftImg8bit.png`` files under ``image_dir``, sorted by relative path; none is a
+    ``DatasetLayoutError`` naming ``what`` was looked for and an example of the other files found."""
+    images = sorted(image_dir.rglob("*_leftImg8bit.png"), key=lambda p: p.relative_to(image_dir).as_posix())
+    if not images:
+        other = sorted(p.relative_to(image_dir).as_posix() for p in image_dir.rglob("*") if p.is_file())
+        raise DatasetLayoutError(
+            f"no *_leftImg8bit.png {what} under {image_dir}"
+            f"{f' (found {len(other)} other files, e.g. {other[0]})' if other else ''}; " + layout_help)
+    return images
+
+
 class CityscapesDataset(SegmentationDataset):
     """Cityscapes fine annotations, 19 classes; labels from ``labelTrainIds`` or ``labelIds`` (mapped).
 
@@ -55,32 +94,13 @@ class CityscapesDataset(SegmentationDataset):
     their masks are all 255.
     """
 
-    _LABEL_TYPES = ("auto", "labelIds", "labelTrainIds")
-
     def __init__(self, root: PathLike, split: str = "train", transform=None, label_type: str = "auto",
                  require_labels: bool = True):
-        if label_type not in self._LABEL_TYPES:
-            raise ValueError(f"label_type must be one of {list(self._LABEL_TYPES)}, got {label_type!r}")
+        order = label_order(label_type)
         self.root, self.split, self.label_type = Path(root), split, label_type
         root = self.root
-        if not root.is_dir():
-            raise DatasetLayoutError(f"Cityscapes root {root} does not exist or is not a folder; "
-                                     + cityscapes_layout_help(root))
-        if not (root / "leftImg8bit").is_dir():
-            raise DatasetLayoutError(f"no leftImg8bit folder in {root} (found folders: "
-                                     f"{existing_dirs(root) or 'none'}); " + cityscapes_layout_help(root))
-        image_dir = root / "leftImg8bit" / split
-        if not image_dir.is_dir():
-            raise DatasetLayoutError(f"no '{split}' split in {root / 'leftImg8bit'} (found splits: "
-                                     f"{existing_dirs(root / 'leftImg8bit') or 'none'}); "
-                                     + cityscapes_layout_help(root))
-        images = sorted(image_dir.rglob("*_leftImg8bit.png"), key=lambda p: p.relative_to(image_dir).as_posix())
-        if not images:
-            other = sorted(p.relative_to(image_dir).as_posix() for p in image_dir.rglob("*") if p.is_file())
-            raise DatasetLayoutError(
-                f"no *_leftImg8bit.png images under {image_dir}"
-                f"{f' (found {len(other)} other files, e.g. {other[0]})' if other else ''}; "
-                + cityscapes_layout_help(root))
+        image_dir = split_folder(root, "leftImg8bit", split, cityscapes_layout_help(root), "Cityscapes")
+        images = left_images(image_dir, "images", cityscapes_layout_help(root))
         label_dir = root / "gtFine" / split
         samples: List[Tuple[str, Optional[str]]] = []
         missing: List[Tuple[Path, Path]] = []
@@ -88,10 +108,6 @@ class CityscapesDataset(SegmentationDataset):
             rel = image.relative_to(image_dir)
             stem = rel.name[: -len("_leftImg8bit.png")]
             candidates = {k: label_dir / rel.parent / (stem + s) for k, s in LABEL_SUFFIXES.items()}
-            if label_type == "auto":
-                order = ("labelTrainIds", "labelIds")
-            else:
-                order = (label_type,)
             label = next((candidates[k] for k in order if candidates[k].is_file()), None)
             if label is None:
                 missing.append((image, candidates[order[-1]]))

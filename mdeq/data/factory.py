@@ -80,6 +80,21 @@ def build_classification_split(data_cfg: Mapping[str, Any], split: str, transfor
 
 
 # ------------------------------------------------------------------------------------------------ segmentation
+def _check_layout_options(name: str, own: str, root: Optional[PathLike], classes: Optional[Sequence[str]],
+                          label_type: str, layout: str) -> bool:
+    """True when ``name`` is the user's own layout ``own`` (which needs a root, ``layout`` describing it, and takes
+    ``classes`` but no Cityscapes ``label_type``); the other layouts have the fixed 19 Cityscapes classes."""
+    if name == own:
+        if root is None:
+            raise ValueError(f"the {own!r} dataset needs a root folder{layout}")
+        if label_type != "auto":
+            raise ValueError(f"label_type={label_type!r} applies to Cityscapes only, not to the {own!r} dataset")
+        return True
+    if classes is not None:
+        raise ValueError(f"the {name!r} dataset has the fixed 19 Cityscapes classes; classes= is for {own!r}")
+    return False
+
+
 def build_segmentation_dataset(name: str, root: Optional[PathLike], split: str, transform=None,
                                classes: Optional[Sequence[str]] = None, require_labels: bool = True,
                                label_type: str = "auto") -> SegmentationDataset:
@@ -89,14 +104,8 @@ def build_segmentation_dataset(name: str, root: Optional[PathLike], split: str, 
     trained on)."""
     if name not in SEGMENTATION_DATASETS:
         raise ValueError(f"unknown segmentation dataset {name!r}; choices: {list(SEGMENTATION_DATASETS)}")
-    if name == "folder":
-        if root is None:
-            raise ValueError("the 'folder' dataset needs a root folder")
-        if label_type != "auto":
-            raise ValueError(f"label_type={label_type!r} applies to Cityscapes only, not to the 'folder' dataset")
+    if _check_layout_options(name, "folder", root, classes, label_type, ""):
         return FolderPairDataset(root, split, classes=classes, transform=transform, require_labels=require_labels)
-    if classes is not None:
-        raise ValueError(f"the {name!r} dataset has the fixed 19 Cityscapes classes; classes= is for 'folder'")
     if name == "synthetic_video":
         return build_video_dataset(name, root, split, transform=transform, label_type=label_type,
                                    require_labels=require_labels).frame_table
@@ -134,14 +143,8 @@ def build_video_dataset(name: str, root: Optional[PathLike], split: str, transfo
     has at least one mask)."""
     if name not in VIDEO_DATASETS:
         raise ValueError(f"unknown video dataset {name!r}; choices: {list(VIDEO_DATASETS)}")
-    if name == "video_folder":
-        if root is None:
-            raise ValueError("the 'video_folder' dataset needs a root folder (images/<split>/<video>/<frame>)")
-        if label_type != "auto":
-            raise ValueError(f"label_type={label_type!r} applies to Cityscapes only, not to the 'video_folder' dataset")
+    if _check_layout_options(name, "video_folder", root, classes, label_type, " (images/<split>/<video>/<frame>)"):
         return FrameFolderDataset(root, split, classes=classes, transform=transform, require_labels=require_labels)
-    if classes is not None:
-        raise ValueError(f"the {name!r} dataset has the fixed 19 Cityscapes classes; classes= is for 'video_folder'")
     if name == "synthetic_video":
         root = _prepare_once(lambda: prepare_synthetic_video(root), env)
     elif root is None:

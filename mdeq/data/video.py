@@ -43,11 +43,10 @@ from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, 
 import numpy as np
 import torch
 
-from .cityscapes import LABEL_SUFFIXES, read_cityscapes_label
+from .cityscapes import LABEL_SUFFIXES, label_order, left_images, read_cityscapes_label, split_folder
 from .cityscapes_labels import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, IGNORE_INDEX
 from .errors import DatasetLayoutError
-from .segmentation import (IMAGE_EXTENSIONS, FolderPairDataset, SegmentationDataset, allowed_values, existing_dirs,
-                           read_label_file)
+from .segmentation import IMAGE_EXTENSIONS, FolderPairDataset, SegmentationDataset, existing_dirs
 
 __all__ = ["VideoClip", "VideoSegmentationDataset", "CityscapesSequenceDataset", "FrameFolderDataset", "FrameBatch",
            "stream_batches", "frames_since_cut", "natural_key", "read_video_manifest", "write_video_manifest",
@@ -263,15 +262,12 @@ class CityscapesSequenceDataset(VideoSegmentationDataset):
     (19 classes). ``label_type``: "auto" (``labelTrainIds`` when that file exists, else ``labelIds``),
     "labelIds" or "labelTrainIds". ``require_labels``: every clip must have at least one annotated frame."""
 
-    _LABEL_TYPES = ("auto", "labelIds", "labelTrainIds")
-
     def __init__(self, root: PathLike, split: str = "val", transform=None, label_type: str = "auto",
                  require_labels: bool = True):
-        if label_type not in self._LABEL_TYPES:
-            raise ValueError(f"label_type must be one of {list(self._LABEL_TYPES)}, got {label_type!r}")
+        order = label_order(label_type)
         self.root, self.split, self.label_type = Path(root), split, label_type
-        image_dir = self._image_dir()
-        order = ("labelTrainIds", "labelIds") if label_type == "auto" else (label_type,)
+        image_dir = split_folder(self.root, "leftImg8bit_sequence", split, cityscapes_sequence_layout_help(self.root),
+                                 "Cityscapes sequence")
         clips = _apply_manifest(self.root, split, self._find_clips(image_dir, order))
         if require_labels:
             bare = [c for c in clips if not c.annotated]
@@ -288,31 +284,9 @@ class CityscapesSequenceDataset(VideoSegmentationDataset):
                             ignore_index=IGNORE_INDEX, palette=CITYSCAPES_PALETTE.copy())
         super().__init__(table, clips)
 
-    def _image_dir(self) -> Path:
-        """``root/leftImg8bit_sequence/<split>``, or a layout error saying which part is missing."""
-        root, split = self.root, self.split
-        if not root.is_dir():
-            raise DatasetLayoutError(f"Cityscapes sequence root {root} does not exist or is not a folder; "
-                                     + cityscapes_sequence_layout_help(root))
-        seq_dir = root / "leftImg8bit_sequence"
-        if not seq_dir.is_dir():
-            raise DatasetLayoutError(f"no leftImg8bit_sequence folder in {root} (found folders: "
-                                     f"{existing_dirs(root) or 'none'}); " + cityscapes_sequence_layout_help(root))
-        image_dir = seq_dir / split
-        if not image_dir.is_dir():
-            raise DatasetLayoutError(f"no '{split}' split in {seq_dir} (found splits: "
-                                     f"{existing_dirs(seq_dir) or 'none'}); " + cityscapes_sequence_layout_help(root))
-        return image_dir
-
     def _find_clips(self, image_dir: Path, order: Tuple[str, ...]) -> List[VideoClip]:
         """Group the frames by (folder, city, seq), split each group at gaps in the frame numbers."""
-        images = sorted(image_dir.rglob("*_leftImg8bit.png"), key=lambda p: p.relative_to(image_dir).as_posix())
-        if not images:
-            other = sorted(p.relative_to(image_dir).as_posix() for p in image_dir.rglob("*") if p.is_file())
-            raise DatasetLayoutError(
-                f"no *_leftImg8bit.png frames under {image_dir}"
-                f"{f' (found {len(other)} other files, e.g. {other[0]})' if other else ''}; "
-                + cityscapes_sequence_layout_help(self.root))
+        images = left_images(image_dir, "frames", cityscapes_sequence_layout_help(self.root))
         groups: Dict[Tuple[str, str, str], List[Tuple[int, Path]]] = {}
         for image in images:
             m = _SEQ_IMAGE.match(image.name)

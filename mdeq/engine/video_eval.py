@@ -121,8 +121,9 @@ def evaluate_video(model: nn.Module, data: VideoSegmentationDataset, *, streamin
         raise ValueError(f"no annotated frame in the {frames} frames of {len(data.clips)} clips: nothing to score "
                          "(a video set needs label files for some frames)")
     m = total.compute()
-    after_cut = [dict(frame=i, miou=cm.compute().miou, aacc=cm.compute().aacc, frames=len(cut_evals.get(i, [])),
-                      evals_per_frame=_mean(cut_evals.get(i, []))) for i, cm in sorted(by_cut.items())]
+    cut_metrics = {i: cm.compute() for i, cm in sorted(by_cut.items())}
+    after_cut = [dict(frame=i, miou=s.miou, aacc=s.aacc, frames=len(cut_evals.get(i, [])),
+                      evals_per_frame=_mean(cut_evals.get(i, []))) for i, s in cut_metrics.items()]
     return VideoEvalResult(name=name, streaming=streaming, settings=settings, frames=frames, scored=scored,
                            miou=m.miou, aacc=m.aacc, evals_per_frame=_mean(evals),
                            ms_per_frame=1000.0 * seconds / max(frames, 1), rel_residual_mean=_mean(residuals),
