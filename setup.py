@@ -34,8 +34,13 @@ setup(
     ],
     extras_require={
         # the export tests write and run ONNX files; the encoder tests build smp models; the download tests fetch
-        # through gdown from a local server that answers like Google Drive
-        "dev": ["pytest>=7", "onnx", "onnxruntime", "onnxscript", "segmentation-models-pytorch", "gdown"],
+        # through gdown from a local server that answers like Google Drive; the data tests read Hugging Face and
+        # WebDataset fixtures; sybil runs the code blocks of README.md and docs/; xdist runs the suite on every core
+        "dev": ["pytest>=7", "pytest-xdist>=3.5", "sybil>=9", "onnx", "onnxruntime", "onnxscript",
+                "segmentation-models-pytorch", "gdown", "datasets>=2.16", "webdataset>=0.2.86"],
+        "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"],  # mkdocs build --strict
+        "hf": ["datasets>=2.16"],  # data.name=hfds/<hub name or saved folder>
+        "wds": ["webdataset>=0.2.86"],  # data.name=wds/<shards>
         "export": ["onnx", "onnxruntime", "onnxscript"],  # torch.onnx.export (dynamo) needs onnx + onnxscript
         "gdrive": ["gdown"],  # released checkpoints behind Google Drive's confirmation page
         "smp": ["segmentation-models-pytorch"],  # MDEQ encoders inside segmentation_models_pytorch
