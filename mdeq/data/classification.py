@@ -1,6 +1,8 @@
 """ImageFolder classification data (the ImageNet layout) with timm's transforms, for training and evaluation.
 
-What this adds to timm's ``ImageDataset``: the layout is checked up front (a wrong root shows the layout
+``LabelledImages`` is what every classification source gives the tools (ImageFolder here; Hugging Face
+datasets in ``hf_images``, WebDataset shards in ``wds_shards``). What ``ImageFolderDataset`` adds to timm's
+``ImageDataset``: the layout is checked up front (a wrong root shows the layout
 expected), an unreadable image raises an error naming the file instead of being skipped, and val uses the train
 split's class indices. The loaders that make augmentation a pure function of (seed, epoch, index) are in
 ``loaders``; which dataset a config names is ``factory``'s.
@@ -21,7 +23,7 @@ from torchvision import transforms
 
 from .errors import DatasetLayoutError, UnreadableImageError
 
-__all__ = ["ImageFolderDataset", "find_split", "layout_help", "resolve_data_cfg", "build_transform", "training_aug",
+__all__ = ["LabelledImages", "ImageFolderDataset", "find_split", "layout_help", "resolve_data_cfg", "build_transform", "training_aug",
            "pad_crop_transform", "CROP_POLICIES",
            "build_imagefolder_datasets", "SPLIT_ALIASES"]
 
@@ -83,7 +85,44 @@ def _scan(folder: Path, class_to_idx: Optional[Mapping[str, int]]) -> Tuple[List
     return samples, dict(class_to_idx)
 
 
-class ImageFolderDataset(Dataset):
+class LabelledImages(Dataset):
+    """The classification datasets' common part: ``classes`` (names in index order), ``class_to_idx``, ``targets``
+    (one class index per sample, read without decoding images), ``transform`` and ``location`` (where the data
+    is, for results files). A source implements ``open(index)`` (the image opened lazily: PIL reads the header,
+    the pixels on first use) and ``describe(index)`` (where the sample is, for error messages)."""
+
+    classes: List[str]
+    class_to_idx: Dict[str, int]
+    targets: List[int]
+    location: str
+    transform: Any = None
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def open(self, index: int) -> Image.Image:
+        raise NotImplementedError
+
+    def describe(self, index: int) -> str:
+        raise NotImplementedError
+
+    def load(self, index: int) -> Image.Image:
+        """The decoded RGB image, or an ``UnreadableImageError`` naming the sample."""
+        try:
+            with self.open(index) as img:
+                return img.convert("RGB")  # decodes the pixels, so a truncated file fails here
+        except Exception as e:  # PIL raises several types (OSError, SyntaxError, ValueError, DecompressionBomb)
+            raise UnreadableImageError(f"cannot read image file {self.describe(index)}: {type(e).__name__}: {e}"
+                                       ) from e
+
+    def __getitem__(self, index: int):
+        img = self.load(index)
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, self.targets[index]
+
+
+class ImageFolderDataset(LabelledImages):
     """Images in ``<split folder>/<class>/<file>``; ``class_to_idx`` defaults to the natural sort of the folders."""
 
     def __init__(self, folder: Union[str, Path], transform=None, class_to_idx: Optional[Mapping[str, int]] = None):
@@ -94,23 +133,13 @@ class ImageFolderDataset(Dataset):
         self.classes = [c for c, _ in sorted(self.class_to_idx.items(), key=lambda kv: kv[1])]
         self.targets = [t for _, t in self.samples]
         self.transform = transform
+        self.location = str(self.folder.parent)
 
-    def __len__(self) -> int:
-        return len(self.samples)
+    def open(self, index: int) -> Image.Image:
+        return Image.open(self.samples[index][0])
 
-    def load(self, index: int) -> Image.Image:
-        path = self.samples[index][0]
-        try:
-            with Image.open(path) as img:
-                return img.convert("RGB")  # decodes the pixels, so a truncated file fails here
-        except Exception as e:  # PIL raises several types (OSError, SyntaxError, ValueError, DecompressionBomb)
-            raise UnreadableImageError(f"cannot read image file {path}: {type(e).__name__}: {e}") from e
-
-    def __getitem__(self, index: int):
-        img = self.load(index)
-        if self.transform is not None:
-            img = self.transform(img)
-        return img, self.samples[index][1]
+    def describe(self, index: int) -> str:
+        return str(self.samples[index][0])
 
 
 # ------------------------------------------------------------------------------------------------ transforms

@@ -1,9 +1,12 @@
 """Which dataset a data config names: one factory per task.
 
 * Classification: ``data.name`` is a builtin dataset (``CLASSIFICATION_BUILTINS``: the bundled digits, CIFAR-10
-  and CIFAR-100 from torchvision's archives, each written once into a cache) or anything else with ``data.root`` an
-  ImageFolder root (``imagefolder``, your own). A new builtin is a function that writes its ImageFolder tree and returns the root, registered here, plus
-  its config in ``mdeq/configs/data/``.
+  and CIFAR-100 from torchvision's archives, each written once into a cache), a source in another format
+  (``CLASSIFICATION_SOURCES``: ``hfds`` Hugging Face datasets, ``wds`` WebDataset shards; ``data.root`` says where,
+  ``data.image_key`` / ``data.label_key`` which fields) or anything else with ``data.root`` an ImageFolder root
+  (``imagefolder``, your own). A new builtin is a function that writes its ImageFolder tree and returns the root,
+  registered here, plus its config in ``mdeq/configs/data/``; a new format is a ``LabelledImages`` class taking
+  (root, split, transform, class_to_idx, image_key, label_key).
 * Segmentation: ``"cityscapes"`` (the official layout), ``"folder"`` (images/ + masks/), ``"synthetic"`` (the
   generated street scenes, built once into a cache) or ``"synthetic_video"`` (the generated video's frames as stills).
 * Video segmentation: ``"synthetic_video"`` (generated street-scene clips in the Cityscapes sequence layout, built
@@ -20,20 +23,26 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Unio
 
 from .cifar import prepare_cifar10, prepare_cifar100
 from .cityscapes import CityscapesDataset
-from .classification import ImageFolderDataset, build_imagefolder_datasets, find_split
+from .classification import ImageFolderDataset, LabelledImages, build_imagefolder_datasets, find_split
 from .digits import prepare_digits
+from .hf_images import HuggingFaceImages
 from .segmentation import FolderPairDataset, SegmentationDataset
 from .synthetic_seg import prepare_synthetic_cityscapes
 from .synthetic_video import prepare_synthetic_video
 from .video import CityscapesSequenceDataset, FrameFolderDataset, VideoSegmentationDataset
+from .wds_shards import WebDatasetShards
 
-__all__ = ["CLASSIFICATION_BUILTINS", "SEGMENTATION_DATASETS", "classification_root", "build_classification_datasets",
+__all__ = ["CLASSIFICATION_BUILTINS", "CLASSIFICATION_SOURCES", "SEGMENTATION_DATASETS", "classification_root", "build_classification_datasets",
            "build_classification_split", "build_segmentation_dataset", "build_segmentation_datasets",
            "VIDEO_DATASETS", "build_video_dataset"]
 
 PathLike = Union[str, Path]
 CLASSIFICATION_BUILTINS: Dict[str, Callable[[Optional[PathLike]], Path]] = {
     "digits": prepare_digits, "cifar10": prepare_cifar10, "cifar100": prepare_cifar100}
+CLASSIFICATION_SOURCES: Dict[str, Callable[..., LabelledImages]] = {
+    "hfds": HuggingFaceImages,  # data.root: a save_to_disk folder, a local dataset folder or a Hub name
+    "wds": WebDatasetShards,    # data.root: the folder of .tar shards
+}
 SEGMENTATION_DATASETS = ("cityscapes", "folder", "synthetic", "synthetic_video")
 VIDEO_DATASETS = ("synthetic_video", "cityscapes_sequence", "video_folder")
 
@@ -62,19 +71,46 @@ def classification_root(data_cfg: Mapping[str, Any], root: Optional[PathLike] = 
     return Path(root)
 
 
+def _source(data_cfg: Mapping[str, Any], root: Optional[PathLike]) -> Optional[Callable[..., LabelledImages]]:
+    """The ``CLASSIFICATION_SOURCES`` class a data config names (bound to its root and keys), else None (an
+    ImageFolder); ``image_key`` / ``label_key`` belong to those sources only."""
+    name = data_cfg.get("name")
+    keys = {k: data_cfg.get(k) for k in ("image_key", "label_key")}
+    if name not in CLASSIFICATION_SOURCES:
+        given = [f"data.{k}" for k, v in keys.items() if v is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} name fields of data={'|'.join(CLASSIFICATION_SOURCES)} sources, "
+                             f"not of data.name={name!r} (an ImageFolder's classes are its folders); set them to null")
+        return None
+    root = root or data_cfg.get("root")
+    if not root:
+        raise ValueError(f"data.root (a tool's --data-root) is required for data.name={name}: "
+                         + ("a save_to_disk folder, a local dataset folder or a Hub name" if name == "hfds"
+                            else "the folder of .tar shards"))
+    cls = CLASSIFICATION_SOURCES[name]
+    return lambda split, **kw: cls(str(root), split, **keys, **kw)
+
+
 def build_classification_datasets(data_cfg: Mapping[str, Any], env: Any = None, root: Optional[PathLike] = None
-                                  ) -> Tuple[ImageFolderDataset, ImageFolderDataset]:
+                                  ) -> Tuple[LabelledImages, LabelledImages]:
     """(train, val) of a data config (``train_split`` / ``val_split``); val uses the train split's classes."""
-    return build_imagefolder_datasets(classification_root(data_cfg, root, env),
-                                      train_split=data_cfg.get("train_split", "train"),
-                                      val_split=data_cfg.get("val_split", "val"))
+    train_split, val_split = data_cfg.get("train_split", "train"), data_cfg.get("val_split", "val")
+    source = _source(data_cfg, root)
+    if source is not None:
+        train = source(train_split)
+        return train, source(val_split, class_to_idx=train.class_to_idx)
+    return build_imagefolder_datasets(classification_root(data_cfg, root, env), train_split=train_split,
+                                      val_split=val_split)
 
 
 def build_classification_split(data_cfg: Mapping[str, Any], split: str, transform=None,
                                classes: Optional[Sequence[str]] = None, root: Optional[PathLike] = None,
-                               env: Any = None) -> ImageFolderDataset:
+                               env: Any = None) -> LabelledImages:
     """One split of a data config; ``classes`` (a training run's, in index order) fixes the class indices."""
     class_to_idx = {c: i for i, c in enumerate(classes)} if classes else None
+    source = _source(data_cfg, root)
+    if source is not None:
+        return source(split, transform=transform, class_to_idx=class_to_idx)
     return ImageFolderDataset(find_split(classification_root(data_cfg, root, env), split), transform=transform,
                               class_to_idx=class_to_idx)
 

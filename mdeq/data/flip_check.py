@@ -11,7 +11,7 @@ natural images.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 from PIL import Image
@@ -22,9 +22,9 @@ FLIP_KEEPS_CLASSES = 0.7      # flipped images keeping this share of the above-c
 INCONCLUSIVE_ACCURACY = 0.05  # a nearest-class-mean accuracy less than this above chance tells nothing
 
 
-def _load(path: str, size: int) -> Optional[np.ndarray]:
+def _load(open_image: Callable[[], Image.Image], size: int) -> Optional[np.ndarray]:
     try:
-        with Image.open(path) as img:
+        with open_image() as img:
             img.draft("L", (4 * size, 4 * size))  # a JPEG decodes at a reduced scale: fast on full-size photos
             x = np.asarray(img.convert("L").resize((size, size), Image.BILINEAR), dtype=np.float64)
     except Exception:  # an unreadable file is the loader's (or data.verify's) to report
@@ -37,21 +37,22 @@ def flip_retention(dataset, per_class: int = 100, max_images: int = 2000, size: 
     """The share of a nearest-class-mean classifier's accuracy above chance that horizontally flipped images keep
     (1: flips change nothing; about 0: flipped images look like other classes), from up to ``per_class`` training
     images of each class (at most ``max_images`` in all); None when the classifier is too close to chance to tell
-    or the sample is too small. ``dataset`` has ``samples`` [(path, class index), ...] and ``classes``."""
-    samples = list(getattr(dataset, "samples", None) or [])
-    n_classes = len(getattr(dataset, "classes", None) or {t for _, t in samples})
-    if n_classes < 2 or not samples:
+    or the sample is too small. ``dataset`` is a classification source (``LabelledImages``: ``open``, ``targets``,
+    ``classes``)."""
+    targets = list(dataset.targets)
+    n_classes = len(getattr(dataset, "classes", None) or set(targets))
+    if n_classes < 2 or not targets:
         return None
     rng = np.random.default_rng(seed)
     per_class = max(2, min(per_class, max_images // n_classes))
     by_class: dict = {}
-    for i in rng.permutation(len(samples)):
-        path, target = samples[i][0], int(samples[i][1])
+    for i in rng.permutation(len(targets)):
+        target = int(targets[i])
         if len(by_class.setdefault(target, [])) < per_class:
-            by_class[target].append(path)
+            by_class[target].append(int(i))
     train_x, train_y, test_x, test_y = [], [], [], []
-    for target, paths in by_class.items():
-        images = [x for x in (_load(p, size) for p in paths) if x is not None]
+    for target, indices in by_class.items():
+        images = [x for x in (_load(lambda i=i: dataset.open(i), size) for i in indices) if x is not None]
         half = len(images) // 2
         if half < 1:
             continue

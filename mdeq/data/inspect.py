@@ -1,8 +1,9 @@
 """Looking at a dataset's files without decoding them: which cannot be read (``data.verify``), and the typical
 size of its images (a training tool warns when it trains at a very different size).
 
-Both work on any dataset with ``samples``: a list of (path, ...) entries whose ``str``/``Path`` items are files
-(an ImageFolder's (image, class), a segmentation set's (image, mask)).
+Both work on a classification source (``LabelledImages``: ``open(index)``/``describe(index)``, files or records
+in an archive alike) and on any dataset with ``samples``: a list of (path, ...) entries whose ``str``/``Path`` items
+are files (a segmentation set's (image, mask)).
 """
 from __future__ import annotations
 
@@ -29,10 +30,11 @@ def sample_files(dataset) -> List[str]:
             if isinstance(item, (str, Path))]
 
 
-def _check(path: str) -> Optional[str]:
-    """None when PIL reads the file's header and structure (``Image.verify``: no pixel decoding), else why not."""
+def _check(path_or_open) -> Optional[str]:
+    """None when PIL reads the image's header and structure (``Image.verify``: no pixel decoding), else why not.
+    ``path_or_open``: a file path or a callable opening the image."""
     try:
-        with Image.open(path) as img:
+        with (path_or_open() if callable(path_or_open) else Image.open(path_or_open)) as img:
             img.verify()
     except Exception as e:  # PIL raises several types (OSError, SyntaxError, ValueError, DecompressionBomb)
         return f"{type(e).__name__}: {e}"
@@ -51,6 +53,12 @@ def verify_datasets(datasets: Mapping[str, object], progress: bool = False) -> i
     bad: List[Tuple[str, str, str]] = []
     total = 0
     for name, dataset in datasets.items():
+        if hasattr(dataset, "open") and hasattr(dataset, "describe"):  # a classification source: files or records
+            total += len(dataset)
+            bad += [(name, dataset.describe(i), why) for i in tqdm(range(len(dataset)), desc=f"verify {name}",
+                                                                   leave=False, disable=not progress)
+                    if (why := _check(lambda i=i: dataset.open(i)))]
+            continue
         files = sample_files(dataset)
         total += len(files)
         bad += [(name, p, why) for p, why in unreadable_files(files, progress, desc=f"verify {name}")]
@@ -66,15 +74,18 @@ def verify_datasets(datasets: Mapping[str, object], progress: bool = False) -> i
 def typical_image_size(dataset, n: int = 32) -> Optional[int]:
     """Median shorter side (pixels) of the first image of up to ``n`` evenly spaced samples (headers only);
     None when none can be read."""
-    samples = getattr(dataset, "samples", None) or []
-    if not samples:
+    if hasattr(dataset, "open"):
+        opens = [lambda i=i: dataset.open(i) for i in range(len(dataset))]
+    else:
+        samples = getattr(dataset, "samples", None) or []
+        opens = [lambda e=e: Image.open(e[0] if isinstance(e, (tuple, list)) else e) for e in samples]
+    if not opens:
         return None
-    step = max(len(samples) // n, 1)
+    step = max(len(opens) // n, 1)
     sides = []
-    for entry in samples[::step][:n]:
-        path = entry[0] if isinstance(entry, (tuple, list)) else entry
+    for open_image in opens[::step][:n]:
         try:
-            with Image.open(path) as img:
+            with open_image() as img:
                 sides.append(min(img.size))
         except Exception:  # an unreadable file is the loader's (or data.verify's) to report
             continue

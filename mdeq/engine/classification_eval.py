@@ -23,7 +23,8 @@ __all__ = ["evaluate_classification_source"]
 
 
 def evaluate_classification_source(source: str, env: DistEnv, output_dir: Path, data_root: Optional[str] = None,
-                                   split: str = "val", model_name: Optional[str] = None,
+                                   split: str = "val", data_format: Optional[str] = None,
+                                   image_key: Optional[str] = None, label_key: Optional[str] = None, model_name: Optional[str] = None,
                                    num_classes: Optional[int] = None, use_ema: bool = False,
                                    solver_changes: Optional[Mapping[str, Any]] = None, batch_size: int = 64,
                                    workers: int = 2, amp: Optional[str] = None, channels_last: bool = False,
@@ -33,7 +34,8 @@ def evaluate_classification_source(source: str, env: DistEnv, output_dir: Path, 
     """Evaluate ``source`` (a training checkpoint, a weights file, or a timm name with a tag); see ``eval_cls``.
 
     A training checkpoint brings its evaluation settings, classes, data config and data (``data_root``
-    overrides its root); ``solver_changes`` (``configure_deq`` keywords) apply on top. Writes ``eval.json``
+    overrides its root, read as ``data_format``: imagefolder (default), hfds or wds, with ``image_key`` /
+    ``label_key`` naming the fields of the last two); ``solver_changes`` (``configure_deq`` keywords) apply on top. Writes ``eval.json``
     (and ``sweep.csv/json/png`` with ``sweep_iters``) to ``output_dir`` on the main process; returns the result.
     ``say`` prints the report (default: ``print`` on the main process, nothing elsewhere).
     """
@@ -52,10 +54,17 @@ def evaluate_classification_source(source: str, env: DistEnv, output_dir: Path, 
         equilibria.configure(**solver_changes)
 
     data = dict((loaded.config or {}).get("data") or {})
-    if data_root is not None:  # the user's ImageFolder, whatever the run trained on
-        data.update(name="imagefolder", root=data_root)
+    if data_format is not None and data_root is None:
+        raise SystemExit(f"--data {data_format} names the format of --data-root; give --data-root too")
+    if data_root is not None:  # the user's data, whatever the run trained on
+        fmt = data_format or "imagefolder"
+        if fmt != data.get("name"):
+            data = {k: v for k, v in data.items() if k not in ("image_key", "label_key")}
+        data.update(name=fmt, root=data_root)
     elif not data.get("root") and data.get("name") not in CLASSIFICATION_BUILTINS:
-        raise SystemExit("--data-root is required: an ImageFolder root with a val/<class>/ split")
+        raise SystemExit("--data-root is required: an ImageFolder root with a val/<class>/ split (or, with --data "
+                         "hfds|wds, a Hugging Face dataset or a folder of WebDataset shards)")
+    data.update({k: v for k, v in (("image_key", image_key), ("label_key", label_key)) if v is not None})
     # the run's training data config (else the model's pretrained cfg), then the command line's overrides
     given = {k: v for k, v in (("input_size", input_size), ("crop_pct", crop_pct)) if v is not None}
     data_cfg = resolve_data_cfg(model, {**(loaded.data_cfg or {}), **given})
@@ -72,7 +81,7 @@ def evaluate_classification_source(source: str, env: DistEnv, output_dir: Path, 
         output_dir.mkdir(parents=True, exist_ok=True)
     res = evaluate_classifier(model, loader, env, **kw)
     result = dict(source=source, description=loaded.description, arch=loaded.arch, split=split,
-                  data_root=str(dataset.folder.parent), images=res.count, top1=res.top1, top5=res.top5,
+                  data_root=dataset.location, images=res.count, top1=res.top1, top5=res.top5,
                   loss=res.loss, deq_nstep_mean=res.deq_nstep_mean, deq_rel_residual_mean=res.deq_rel_residual_mean,
                   deq_abs_residual_mean=res.deq_abs_residual_mean, solver=plain_data(equilibria.options),
                   has_mdeq=bool(equilibria), input_size=list(data_cfg["input_size"]),
