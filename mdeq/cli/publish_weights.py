@@ -21,6 +21,7 @@ from pathlib import Path
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 DATASETS = {"digits": "sklearn-digits (UCI optical recognition of handwritten digits), 80/20 stratified split"}
+FORMATS = {"hfds": "a Hugging Face dataset", "wds": "WebDataset shards"}  # the card names their data.root
 
 
 def model_stats(model, input_size, max_iter: int) -> dict:
@@ -193,9 +194,11 @@ def main(argv=None) -> int:
     sources = ([{"type": "hf", "repo_id": args.hf_repo, "filename": "model.safetensors"}] if args.hf_repo else []) + (
         [{"type": "url", "url": args.url}] if args.url else [])
     data_name = cfg["data"].get("name", "imagefolder")
+    dataset = (f"{cfg['data'].get('root')} ({FORMATS[data_name]})" if data_name in FORMATS
+               else DATASETS.get(data_name, data_name))
     entry = dict(
         description=args.description or f"{arch} trained with mdeq-zoo's {cfg.get('recipe') or 'custom'} recipe.",
-        sources=sources, license="mit", dataset=DATASETS.get(data_name, data_name),
+        sources=sources, license="mit", dataset=dataset,
         recipe=f"tools/train_cls.py experiment={cfg.get('recipe')}" if cfg.get("recipe") else "tools/train_cls.py",
         metrics=metrics, metrics_source="measured", solver=solver,
         pretrained_cfg=dict(input_size=list(data_cfg["input_size"]), pool_size=pool_size(model, data_cfg["input_size"]),
