@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 from .processes import launch
+from .report import with_provenance
 
 __all__ = ["RECIPES", "BUDGETS", "EPOCHS", "run", "references", "train_command", "recovery_frames", "to_markdown",
            "save"]
@@ -171,6 +172,6 @@ def to_markdown(result: Dict) -> str:
 def save(result: Dict, out: Path) -> List[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "stream.json", out / "stream.md"]
-    paths[0].write_text(json.dumps(result, indent=2, default=lambda v: None) + "\n")
+    paths[0].write_text(json.dumps(with_provenance(result), indent=2, default=lambda v: None) + "\n")
     paths[1].write_text(to_markdown(result) + "\n")
     return paths

@@ -1,5 +1,5 @@
 """Benchmarks of mdeq-zoo. Usage: python -m mdeq.cli.benchmark (or tools/benchmark.py)
-{solvers,models,train,seg,budget,cell,owndata,stream}
+{solvers,models,train,seg,budget,cell,owndata,stream,docs}
 [options] [--out DIR]
 
 cell      the time of one MDEQ cell evaluation, eager NCHW (the original's path) against channels-last, the
@@ -28,6 +28,10 @@ stream    video segmentation with the equilibrium carried from frame to frame (m
           streamed and from scratch at 1, 2, 4 f-evaluations per frame and from scratch at the official tolerance:
           mIoU, f-evaluations and ms per frame, mIoU after a scene cut (stream.md/.json; runs under
           <out>/stream_runs/, reused unless --retrain; see mdeq/benchmarks/streaming.py)
+docs      regenerate the measured tables of README.md and docs/ from the result files under docs/results/ (each
+          table between <!-- generated: RENDERER FILE --> and <!-- end generated --> markers, with the command,
+          commit and date that produced it); --check only reports the files that differ (exit 1); see
+          mdeq/benchmarks/docs_tables.py
 """
 import argparse
 import shlex
@@ -36,6 +40,7 @@ from pathlib import Path
 
 from mdeq.benchmarks import budget as budget_bench
 from mdeq.benchmarks import cell as cell_bench
+from mdeq.benchmarks import docs_tables
 from mdeq.benchmarks import models as model_bench
 from mdeq.benchmarks import own_data as own_data_bench
 from mdeq.benchmarks import segmentation as seg_bench
@@ -151,8 +156,20 @@ def _main(argv=None) -> int:
                    help="f-evaluations per frame (default: 1 2 4)")
     v.add_argument("--retrain", action="store_true", help="train again (default: reuse finished runs)")
     v.add_argument("--out", type=Path, default=Path("results/benchmarks"))
+    d = sub.add_parser("docs", help="regenerate the docs' measured tables from their result files")
+    d.add_argument("files", nargs="*", type=Path, help="Markdown files (default: README.md and docs/**/*.md)")
+    d.add_argument("--root", type=Path, default=Path("."), help="the checkout (default: the current folder)")
+    d.add_argument("--check", action="store_true", help="change nothing; exit 1 when a table differs")
     args = parser.parse_args(argv)
 
+    if args.command == "docs":
+        files = args.files or docs_tables.markdown_files(args.root)
+        if not files:
+            parser.error(f"no README.md or docs/ under {args.root.resolve()}; run from the checkout or give --root")
+        changed = docs_tables.update_files(files, check=args.check)
+        verb = "differ from their results" if args.check else "regenerated"
+        print(f"{len(changed)} of {len(files)} files {verb}" + "".join(f"\n  {p}" for p in changed))
+        return 1 if (args.check and changed) else 0
     if args.command == "cell":
         models = cell_bench.DEFAULT_MODELS
         if args.model:

@@ -32,6 +32,7 @@ from .evaluate import evaluate_classifier
 from .model_config import is_mdeq_name
 from .preemption import StopSignals
 from .rebuild import model_from_checkpoint, require_training_checkpoint
+from .provenance import provenance
 from .run_logger import write_json_atomic
 
 __all__ = ["distill_classifier"]
@@ -179,7 +180,7 @@ def distill_classifier(checkpoint: str, output_dir: Path, env: DistEnv, data_roo
                    deq_nstep_mean=float(k_default), deq_rel_residual_mean=math.nan, val_top5=None)
     if env.is_main:
         save_atomic(out, output_dir / "distilled.pth")
-        write_json_atomic(metrics, output_dir / "metrics.json")
+        write_json_atomic({**metrics, "provenance": provenance()}, output_dir / "metrics.json")
     return metrics
 
 

@@ -46,6 +46,7 @@ from .distributed import DistEnv, all_reduce_sum
 from .equilibria import Equilibria, log_skipped_mdeq_defaults, refuse_mdeq_settings
 from .model_config import architecture_kwargs
 from .precise_bn import PreciseBN
+from .provenance import provenance
 from .run_logger import RunLogger, write_json_atomic
 from .run_state import Progress, RunParts, check_resumable, restore_run_state, run_state_dict, seed_everything
 from .preemption import StopSignals
@@ -330,7 +331,7 @@ class Trainer(ABC):
             metrics = self._final_metrics(final_eval)
             if self.env.is_main:
                 self.save("last.pth")
-                write_json_atomic(metrics, self.output_dir / "metrics.json")
+                write_json_atomic({**metrics, "provenance": provenance()}, self.output_dir / "metrics.json")
                 self.logger.hparams(_hparams(self.cfg), self.hparam_metrics(metrics))
                 self._report(metrics)
             return metrics

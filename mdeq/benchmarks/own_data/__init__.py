@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..processes import launch
+from ..report import with_provenance
 from .datasets import DATASETS, prepare
 
 __all__ = ["Variant", "VARIANTS", "TUNED", "BEFORE", "FAST_BUDGETS", "SEEDS", "DEFAULT_EPOCHS", "DATASETS", "run",
@@ -201,6 +202,6 @@ def to_markdown(result: Dict) -> str:
 def save(result: Dict, out: Path) -> Dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = dict(json=out / "owndata.json", markdown=out / "owndata.md")
-    paths["json"].write_text(json.dumps(result, indent=2) + "\n")
+    paths["json"].write_text(json.dumps(with_provenance(result), indent=2) + "\n")
     paths["markdown"].write_text(to_markdown(result) + "\n")
     return paths
