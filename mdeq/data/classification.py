@@ -23,9 +23,8 @@ from torchvision import transforms
 
 from .errors import DatasetLayoutError, UnreadableImageError
 
-__all__ = ["LabelledImages", "ImageFolderDataset", "find_split", "layout_help", "resolve_data_cfg", "build_transform", "training_aug",
-           "pad_crop_transform", "CROP_POLICIES",
-           "build_imagefolder_datasets", "SPLIT_ALIASES"]
+__all__ = ["LabelledImages", "ImageFolderDataset", "find_split", "layout_help", "resolve_data_cfg", "build_transform",
+           "training_aug", "pad_crop_transform", "CROP_POLICIES", "build_imagefolder_datasets", "SPLIT_ALIASES"]
 
 SPLIT_ALIASES: Dict[str, Tuple[str, ...]] = {
     "train": ("train", "training"),

@@ -32,7 +32,8 @@ from .synthetic_video import prepare_synthetic_video
 from .video import CityscapesSequenceDataset, FrameFolderDataset, VideoSegmentationDataset
 from .wds_shards import WebDatasetShards
 
-__all__ = ["CLASSIFICATION_BUILTINS", "CLASSIFICATION_SOURCES", "SEGMENTATION_DATASETS", "classification_root", "build_classification_datasets",
+__all__ = ["CLASSIFICATION_BUILTINS", "CLASSIFICATION_SOURCES", "SEGMENTATION_DATASETS", "classification_root",
+           "build_classification_datasets",
            "build_classification_split", "build_segmentation_dataset", "build_segmentation_datasets",
            "VIDEO_DATASETS", "build_video_dataset"]
 

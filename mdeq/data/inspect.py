@@ -75,17 +75,20 @@ def typical_image_size(dataset, n: int = 32) -> Optional[int]:
     """Median shorter side (pixels) of the first image of up to ``n`` evenly spaced samples (headers only);
     None when none can be read."""
     if hasattr(dataset, "open"):
-        opens = [lambda i=i: dataset.open(i) for i in range(len(dataset))]
+        count, opener = len(dataset), dataset.open
     else:
         samples = getattr(dataset, "samples", None) or []
-        opens = [lambda e=e: Image.open(e[0] if isinstance(e, (tuple, list)) else e) for e in samples]
-    if not opens:
+        count = len(samples)
+
+        def opener(i: int) -> Image.Image:
+            return Image.open(samples[i][0] if isinstance(samples[i], (tuple, list)) else samples[i])
+    if not count:
         return None
-    step = max(len(opens) // n, 1)
+    step = max(count // n, 1)
     sides = []
-    for open_image in opens[::step][:n]:
+    for index in range(0, count, step)[:n]:
         try:
-            with open_image() as img:
+            with opener(index) as img:
                 sides.append(min(img.size))
         except Exception:  # an unreadable file is the loader's (or data.verify's) to report
             continue

@@ -117,8 +117,9 @@ class WebDatasetShards(LabelledImages):
             for key, files in _index_shard(path).items():
                 image = next((files[k] for k in self.image_keys if k in files), None)
                 if image is None:
-                    raise DatasetLayoutError(f"sample {key!r} in shard {path} has no image ({'/'.join(self.image_keys)};"
-                                             f" it has {sorted(files)}); set data.image_key to its image extension")
+                    raise DatasetLayoutError(
+                        f"sample {key!r} in shard {path} has no image ({'/'.join(self.image_keys)}; it has "
+                        f"{sorted(files)}); set data.image_key to its image extension")
                 targets.append(self._label(path, key, files))
                 shard_of.append(s)
                 offsets.append(image[0])

@@ -24,8 +24,9 @@ __all__ = ["evaluate_classification_source"]
 
 def evaluate_classification_source(source: str, env: DistEnv, output_dir: Path, data_root: Optional[str] = None,
                                    split: str = "val", data_format: Optional[str] = None,
-                                   image_key: Optional[str] = None, label_key: Optional[str] = None, model_name: Optional[str] = None,
-                                   num_classes: Optional[int] = None, use_ema: bool = False,
+                                   image_key: Optional[str] = None, label_key: Optional[str] = None,
+                                   model_name: Optional[str] = None, num_classes: Optional[int] = None,
+                                   use_ema: bool = False,
                                    solver_changes: Optional[Mapping[str, Any]] = None, batch_size: int = 64,
                                    workers: int = 2, amp: Optional[str] = None, channels_last: bool = False,
                                    input_size: Optional[int] = None, crop_pct: Optional[float] = None,
@@ -35,8 +36,9 @@ def evaluate_classification_source(source: str, env: DistEnv, output_dir: Path, 
 
     A training checkpoint brings its evaluation settings, classes, data config and data (``data_root``
     overrides its root, read as ``data_format``: imagefolder (default), hfds or wds, with ``image_key`` /
-    ``label_key`` naming the fields of the last two); ``solver_changes`` (``configure_deq`` keywords) apply on top. Writes ``eval.json``
-    (and ``sweep.csv/json/png`` with ``sweep_iters``) to ``output_dir`` on the main process; returns the result.
+    ``label_key`` naming the fields of the last two); ``solver_changes`` (``configure_deq`` keywords) apply on
+    top. Writes ``eval.json`` (and ``sweep.csv/json/png`` with ``sweep_iters``) to ``output_dir`` on the main
+    process; returns the result.
     ``say`` prints the report (default: ``print`` on the main process, nothing elsewhere).
     """
     say = say or main_print(env)

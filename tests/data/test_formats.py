@@ -146,7 +146,8 @@ def test_wds_label_from_a_json_field_other_image_extension_and_indices_as_classe
     assert train.load(0).size == (10, 12)
     with pytest.raises(DatasetLayoutError, match=r"its .json no 'cls' field \(fields: \['label', 'source'\]\)"):
         WebDatasetShards(tmp_path / "s", "train")
-    with pytest.raises(DatasetLayoutError, match=r"has no image \(png; it has \['jpeg', 'json'\]\); set data.image_key"):
+    with pytest.raises(DatasetLayoutError, match=r"has no image \(png; it has \['jpeg', 'json'\]\); set "
+                                                 r"data.image_key"):
         WebDatasetShards(tmp_path / "s", "train", image_key="png", label_key="label")
 
 
