@@ -79,3 +79,22 @@ def test_torchrun_evaluation_counts_every_sample_of_an_uneven_split_once(runs, t
     assert one["images"] == two["images"] == 29, single.stdout
     assert two["top1"] == pytest.approx(one["top1"]) and two["top5"] == pytest.approx(one["top5"])
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
+
+
+def test_finetune_reads_a_hugging_face_dataset_through_its_own_columns(runs, digits_small, tmp_path):
+    """A new labelling (parity as strings) in columns named img / parity: two classes, sorted by name."""
+    classes, train = imagefolder_samples(digits_small / "train")
+    _, val = imagefolder_samples(digits_small / "val")
+    parity = lambda samples: [(img, int(classes[t]) % 2) for img, t in samples]  # noqa: E731
+    root = write_hf_saved(tmp_path / "parity", {"train": parity(train), "validation": parity(val)}, ["even", "odd"],
+                          image_key="img", label_key="parity", names_as_strings=True)
+    source = runs["imagefolder"][0] / "checkpoints" / "last.pth"
+    out = tmp_path / "ft"
+    run_tool("finetune.py", [f"model.weights={source}", "data=hfds", f"data.root={root}", "data.image_key=img",
+                             "data.label_key=parity", "data.aug.hflip=0.0", "data.batch_size=20", "data.workers=0",
+                             "deq.max_iter=3", "deq.b_max_iter=3", "train.epochs=1", "train.precise_bn_batches=1",
+                             "train.progress=false", f"hydra.run.dir={out}"], cwd=tmp_path)
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["num_classes"] == 2 and m["val_count"] == 30
+    ck = load_checkpoint(out / "checkpoints" / "last.pth")
+    assert ck["classes"] == ["even", "odd"] and ck["model"]["classifier.weight"].shape[0] == 2
