@@ -75,7 +75,9 @@ class ConsistencyFunction(nn.Module):
 
     Args:
         generator: G, a module ``(state, (B,) times) -> state`` of the same structure (the only trained part).
-        T, eps, rho: the time grid (``karras_times``) the student is trained and used on.
+        T: the last time of the grid (``karras_times``) the student is trained and used on.
+        eps: the first time of that grid.
+        rho: the grid's Karras exponent.
         num_train_steps: K, the teacher trajectory length it was distilled on (set by distillation; kept in
             the state dict so a loaded student knows its grid).
     """
