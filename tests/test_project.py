@@ -1,4 +1,4 @@
-"""The README's Quickstart and CI stay in step."""
+"""The README's Quickstart, the documentation site and CI stay in step."""
 import re
 from pathlib import Path
 
@@ -28,6 +28,43 @@ def test_ci_runs_the_readme_test_command():
     assert _quickstart_commands()[1] in ci.splitlines()
     assert "HF_HUB_OFFLINE=1" in ci and "NO_ALBUMENTATIONS_UPDATE=1" in ci
     assert "set -euo pipefail" in ci
+
+
+def test_ci_builds_the_docs_strictly_after_the_tests():
+    lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    docs = [i for i, line in enumerate(lines) if "mkdocs build" in line and not line.lstrip().startswith("#")]
+    assert len(docs) == 1, "one mkdocs build line in .ci/run"
+    line = lines[docs[0]]
+    assert line.startswith('pip install -e ".[docs]" && mkdocs build --strict'), line
+    assert "--site-dir" in line, "the site is built outside the checkout"
+    assert lines.index(_quickstart_commands()[1]) < docs[0]
+
+
+def test_readme_is_a_front_door_into_the_guide():
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 200
+    assert 'pip install -e ".[docs]" && mkdocs serve' in readme
+    links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", readme)
+    local = [link for link in links if "://" not in link]
+    assert any(link.startswith("docs/") for link in local)
+    for link in local:
+        assert (ROOT / link).exists(), f"README links to {link}, which does not exist"
+
+
+def test_every_docs_page_is_in_the_site_navigation():
+    import yaml
+
+    config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
+
+    def pages(nav):
+        for item in nav:
+            value = next(iter(item.values())) if isinstance(item, dict) else item
+            yield from (pages(value) if isinstance(value, list) else [value])
+
+    in_nav = set(pages(config["nav"]))
+    on_disk = {p.relative_to(ROOT / "docs").as_posix() for p in (ROOT / "docs").rglob("*.md")}
+    assert on_disk == in_nav, (sorted(on_disk - in_nav), sorted(in_nav - on_disk))
+    assert "docs/hooks/cli_help.py" in config["hooks"]
 
 
 def test_main_job_script_exists():
