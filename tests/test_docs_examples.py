@@ -6,7 +6,7 @@ Sybil parses the pages (its markdown ``PythonCodeBlockParser`` and ``SkipParser`
 * Each page runs in its own temporary folder (nothing is written into the checkout), which holds a ``tools``
   link to the checkout's ``tools/``, with ``HF_HUB_OFFLINE=1``, ``NO_ALBUMENTATIONS_UPDATE=1`` and temporary data
   and weights caches (``MDEQ_DATA``, ``MDEQ_ZOO_CACHE``), so a page's blocks can use the files its earlier
-  blocks wrote.
+  blocks wrote. Torch runs one thread (``OMP_NUM_THREADS=1`` for the shell blocks' tools).
 * Python blocks of one page share one namespace, in page order. Shell blocks run with ``bash -euo pipefail``.
 * Each test first runs the page's earlier Python blocks that have not run in this process, so a block passes
   or fails the same way whether the page's blocks run in one process or are spread over pytest-xdist workers.
@@ -118,9 +118,9 @@ def doc_caches(tmp_path_factory) -> Dict[str, str]:
 
 def _environment(caches: Dict[str, str]) -> Dict[str, str]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", NO_ALBUMENTATIONS_UPDATE="1", **caches)
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:  # pytest-xdist: the tools share the cores
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+    # one thread per tool: on a busy machine (other tests, pytest-xdist workers) torch's thread pool spins and a
+    # tool that takes 6 s alone took 66 s; the tools' own tests do the same (tests/tools/conftest.py)
+    env.setdefault("OMP_NUM_THREADS", "1")
     env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     return env
@@ -136,8 +136,19 @@ def _run_python(block: Block, state: dict) -> None:
         state["done"].add(block.index)
 
 
+@pytest.fixture
+def one_thread():
+    """Python blocks run on one torch thread, like the shell blocks' tools (see ``_environment``)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("page,index", CASES)
-def test_doc_example(page, index, doc_caches, tmp_path_factory, monkeypatch):
+def test_doc_example(page, index, doc_caches, tmp_path_factory, monkeypatch, one_thread):
     block = BLOCKS[page][index]
     state = _page_state.setdefault(page, {"done": set(), "failed": None, "dir": None})
     if state["dir"] is None:
