@@ -25,7 +25,6 @@ from typing import Dict, List, Optional
 
 import pytest
 from sybil import Document, Example, Sybil
-from sybil.evaluators.skip import Skipper
 from sybil.parsers.markdown import CodeBlockParser, PythonCodeBlockParser, SkipParser
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,8 +46,8 @@ def run_shell(example: Example) -> Optional[str]:
     return None
 
 
-SYBIL = Sybil(parsers=[PythonCodeBlockParser(), *(CodeBlockParser(lang, run_shell) for lang in SHELLS),
-                       SkipParser()])
+SKIP = SkipParser()
+SYBIL = Sybil(parsers=[PythonCodeBlockParser(), *(CodeBlockParser(lang, run_shell) for lang in SHELLS), SKIP])
 
 
 class Block:
@@ -81,7 +80,7 @@ def parse_page(path: Path) -> List[Block]:
     blocks, pending, in_range = [], None, None
     for example in document.examples():
         where = f"{page}:{example.line}"
-        if isinstance(example.region.evaluator, Skipper):
+        if example.region.evaluator is SKIP.skipper:
             action = example.parsed[0]
             if action == "next":
                 pending = _skip_reason(example.parsed, where)
