@@ -105,10 +105,7 @@ def stream_summary(result: Dict) -> str:
         cells += [f"{by_name[n]['miou']:.1f} ({by_name[n]['evals_per_frame']:.1f} evals, "
                   f"{by_name[n]['ms_per_frame']:.0f} ms)" for n in refs]
         lines.append(f"| {rec['label']} | " + " | ".join(cells) + " |")
-    h, w = result["size"]
-    return "\n".join(lines) + (f"\n\nmIoU over {result['frames']} val frames of {h}x{w} ({result['clips']} clips, "
-                               f"unsignalled cuts at frames {result['cuts']} of each); in brackets the f-evaluations "
-                               "and the model's milliseconds per frame.")
+    return "\n".join(lines)
 
 
 @renderer("owndata")
