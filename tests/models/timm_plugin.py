@@ -2,8 +2,11 @@
 
 Loaded with ``-p tests.models.timm_plugin`` before the test module is imported: it registers the models
 (import mdeq) and narrows timm's model listings, which the test file uses at import time to parametrize.
+``$MDEQ_TIMM_MODELS`` (comma-separated architecture names) narrows them further to those architectures (with
+every pretrained tag of theirs).
 """
 import fnmatch
+import os
 
 import timm
 import timm.models
@@ -12,6 +15,7 @@ import timm.models._registry as registry
 import mdeq  # noqa: F401  (registers mdeq_*)
 
 _list_models = registry.list_models
+_ONLY = [n for n in os.environ.get("MDEQ_TIMM_MODELS", "").split(",") if n]
 
 
 def _mdeq_only(filter="", module="", pretrained=False, exclude_filters="", name_matches_cfg=False,
@@ -20,6 +24,8 @@ def _mdeq_only(filter="", module="", pretrained=False, exclude_filters="", name_
         return []  # nothing is downloadable offline
     names = _list_models("mdeq*", exclude_filters=exclude_filters, name_matches_cfg=name_matches_cfg,
                          include_tags=include_tags)
+    if _ONLY:
+        names = [n for n in names if n.split(".")[0] in _ONLY]
     filters = [filter] if isinstance(filter, str) else list(filter)
     filters = [f for f in filters if f]
     if filters:  # model-specific tests name other architectures: keep only mdeq matches

@@ -36,6 +36,25 @@ def digits_small(tmp_path_factory) -> Path:
     return small
 
 
+@pytest.fixture(scope="session")
+def trained_run(digits_small, tmp_path_factory):
+    """One short training run by tools/train_cls.py with the FAST settings: (run folder, finished process). Shared
+    by the train, eval and publish tests, which only read it."""
+    run_dir = tmp_path_factory.mktemp("run") / "digits"
+    proc = run_tool("train_cls.py", fast_overrides(digits_small, f"hydra.run.dir={run_dir}"), cwd=run_dir.parent)
+    return run_dir, proc
+
+
+@pytest.fixture(scope="session")
+def distill_teacher(digits_small, tmp_path_factory) -> Path:
+    """The run folder of a FAST digits classifier without the Jacobian penalty: the teacher the distillation tests
+    distil from (they only read its checkpoint)."""
+    teacher = tmp_path_factory.mktemp("teacher") / "run"
+    run_tool("train_cls.py", fast_overrides(digits_small, "schedule.jac.weight=0.0", "schedule.jac.freq=0.0",
+                                            f"hydra.run.dir={teacher}"), cwd=teacher.parent)
+    return teacher
+
+
 def fast_overrides(root: Path, *extra: str) -> list:
     return [o.format(root=root) for o in FAST] + list(extra)
 

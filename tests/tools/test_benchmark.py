@@ -103,9 +103,16 @@ def test_segmentation_benchmark_reports_deq_and_unrolled_per_size(tmp_path, caps
     assert "Random weights" in table and "wrote" in capsys.readouterr().out
 
 
-def test_budget_benchmark_trains_evaluates_and_reuses_runs(tmp_path, digits_small):
+@pytest.mark.slow
+def test_budget_benchmark_trains_evaluates_and_reuses_runs(tmp_path, digits_small, monkeypatch):
     """plain, Skip DEQ, the residual stack and C-DEQ on 60 digits (FAST-style settings): exact budgets, a row per
     method, the plot, and a second invocation that reuses the finished runs instead of training again."""
+    import functools
+
+    from mdeq.benchmarks.budget import evaluation
+
+    # each latency a median of 1 timed forward (after the 2 warm-ups) instead of 5: here only that it is measured
+    monkeypatch.setattr(evaluation, "latency_ms", functools.partial(evaluation.latency_ms, repeats=1))
     tool = _load_tool()
     train = ["data.batch_size=10", "data.eval_batch_size=15", "data.workers=0", "train.precise_bn_batches=2",
              "deq.max_iter=3", "deq.b_max_iter=3", "schedule.unroll_steps=2", "skip:deq.init_weight=0.5"]
@@ -174,17 +181,23 @@ def test_budget_benchmark_trains_evaluates_and_reuses_runs(tmp_path, digits_smal
     assert recipe_changed(cmd, runs / "plain")
 
 
+@pytest.mark.slow
 def test_own_data_benchmark_trains_each_variant_by_the_own_data_command_and_reuses_runs(tmp_path, digits_small,
                                                                                        monkeypatch):
     """The own-data comparison on 60 digits written into the data cache by a data set's writer: the defaults, the
     fast recipe at its budgets and an explicit network, a table per data set, and a second invocation that trains
     nothing; a hand-tuned recipe's overrides reach its command."""
+    import functools
     import shutil
 
     import pytest
 
     from mdeq.benchmarks import own_data
+    from mdeq.benchmarks.budget import evaluation
     from mdeq.benchmarks.own_data.datasets import DATASETS, OwnDataSet, package_file
+
+    # the fast recipe's latencies: a median of 1 timed forward (after the 2 warm-ups) instead of 5
+    monkeypatch.setattr(evaluation, "latency_ms", functools.partial(evaluation.latency_ms, repeats=1))
 
     def write(folder):
         shutil.copytree(digits_small, folder, dirs_exist_ok=True)

@@ -5,15 +5,12 @@ import pytest
 
 from mdeq.engine.checkpoint import load_checkpoint
 
-from .conftest import fast_overrides, run_tool
+from .conftest import run_tool
 
 
 @pytest.mark.slow
-def test_distill_then_eval_cls_uses_the_consistency_solver(digits_small, tmp_path):
-    teacher = tmp_path / "teacher"
-    run_tool("train_cls.py", fast_overrides(digits_small, "schedule.jac.weight=0.0", "schedule.jac.freq=0.0",
-                                            f"hydra.run.dir={teacher}"),
-             cwd=tmp_path)
+def test_distill_then_eval_cls_uses_the_consistency_solver(digits_small, distill_teacher, tmp_path):
+    teacher = distill_teacher
     out = tmp_path / "distill"
     proc = run_tool("distill.py", [str(teacher / "checkpoints" / "last.pth"), "--data-root", str(digits_small),
                                    "--teacher-steps", "4", "--epochs", "2", "--batch-size", "10", "--eval-iters", "1",

@@ -10,7 +10,6 @@ from PIL import Image
 from mdeq.engine.checkpoint import load_checkpoint
 
 from .conftest import fast_overrides, run_tool
-from .test_train_cls import trained_run  # noqa: F401  (module fixture: one short training run)
 
 
 def test_eval_checkpoint_reproduces_training_eval_and_sweeps(trained_run, tmp_path):

@@ -130,12 +130,23 @@ def _run_until(cmd, ckpt: Path, step: int, cwd: Path):
     return proc
 
 
+STOP_OPTS = [o for o in RESUME_OPTS if not o.startswith("train.checkpoint_interval")] + ["train.checkpoint_interval=2"]
+
+
+@pytest.fixture(scope="module")
+def stop_reference(digits_small, tmp_path_factory) -> Path:
+    """The uninterrupted run the stopped-and-resumed runs must equal (one for both signals: the same settings)."""
+    ref_dir = tmp_path_factory.mktemp("stop_reference") / "ref"
+    run_tool("train_cls.py", fast_overrides(digits_small, *STOP_OPTS) + [f"hydra.run.dir={ref_dir}"],
+             cwd=ref_dir.parent)
+    return ref_dir
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
-def test_stop_signal_saves_and_the_resumed_run_is_bitwise_equal(digits_small, tmp_path, sig):
-    opts = [o for o in RESUME_OPTS if not o.startswith("train.checkpoint_interval")] + ["train.checkpoint_interval=2"]
-    overrides = fast_overrides(digits_small, *opts)
-    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+def test_stop_signal_saves_and_the_resumed_run_is_bitwise_equal(digits_small, stop_reference, tmp_path, sig):
+    overrides = fast_overrides(digits_small, *STOP_OPTS)
+    ref_dir, run_dir = stop_reference, tmp_path / "run"
     ckpt = run_dir / "checkpoints" / "last.pth"
     proc = _run_until([sys.executable, str(ROOT / "tools" / "train_cls.py"), *overrides, f"hydra.run.dir={run_dir}"],
                       ckpt, 2, tmp_path)
@@ -150,7 +161,6 @@ def test_stop_signal_saves_and_the_resumed_run_is_bitwise_equal(digits_small, tm
 
     run_tool("train_cls.py", overrides + [f"train.resume={ckpt}", f"hydra.run.dir={tmp_path / 'resume_hydra'}"],
              cwd=tmp_path)
-    run_tool("train_cls.py", overrides + [f"hydra.run.dir={ref_dir}"], cwd=tmp_path)
     _assert_same_state(load_checkpoint(ref_dir / "checkpoints" / "last.pth"), load_checkpoint(ckpt))
     m_ref = json.loads((ref_dir / "metrics.json").read_text())
     m_res = json.loads((run_dir / "metrics.json").read_text())
@@ -199,10 +209,8 @@ def test_torchrun_ranks_stop_at_the_same_step_when_one_is_told(digits_small, tmp
 
 
 @pytest.mark.slow
-def test_distill_stops_on_sigterm_and_resumes_bitwise(digits_small, tmp_path):
-    teacher = tmp_path / "teacher"
-    run_tool("train_cls.py", fast_overrides(digits_small, "schedule.jac.weight=0.0", "schedule.jac.freq=0.0",
-                                            f"hydra.run.dir={teacher}"), cwd=tmp_path)
+def test_distill_stops_on_sigterm_and_resumes_bitwise(digits_small, distill_teacher, tmp_path):
+    teacher = distill_teacher
     args = [str(teacher / "checkpoints" / "last.pth"), "--data-root", str(digits_small), "--teacher-steps", "4",
             "--epochs", "3", "--batch-size", "10", "--eval-iters", "1", "--workers", "0", "--no-progress"]
     out = tmp_path / "stopped"

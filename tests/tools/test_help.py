@@ -252,6 +252,7 @@ def test_help_flags_print_the_generated_page_and_hydra_help_stays_hydras(capsys,
                                                                          tmp_path):
     module = importlib.import_module("mdeq.cli.train_cls")
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COLUMNS", str(WIDTH))  # the page's width (pytest-xdist workers get COLUMNS=80)
     for flag in ("--help", "-h"):
         monkeypatch.setattr(sys, "argv", ["tools/train_cls.py", "experiment=imagenet_small", flag])
         module.main()

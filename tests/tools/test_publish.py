@@ -11,7 +11,6 @@ from zoo.catalog import load_catalog
 
 from ..zoo.server import FileServer
 from .conftest import run_tool
-from .test_train_cls import trained_run  # noqa: F401  (module fixture: one short training run)
 
 
 def test_publish_then_load_from_the_folder_and_over_http(trained_run, tmp_path, monkeypatch):

@@ -37,13 +37,6 @@ def scalars(logdir: Path) -> dict:
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-@pytest.fixture(scope="module")
-def trained_run(digits_small, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("run") / "digits"
-    proc = run_tool("train_cls.py", fast_overrides(digits_small, f"hydra.run.dir={run_dir}"), cwd=run_dir.parent)
-    return run_dir, proc
-
-
 def test_outputs_metrics_and_report(trained_run):
     run_dir, proc = trained_run
     m = json.loads((run_dir / "metrics.json").read_text())
