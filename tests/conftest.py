@@ -28,14 +28,17 @@ if _THREADS is not None:  # before torch is imported; the processes the tests st
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 if _THREADS is not None:
+    import torch
+
     torch.set_num_threads(_THREADS)
 
 
 @pytest.fixture(autouse=True)
 def _seed():
+    import torch  # here, not at the top: the xdist controller, which runs no test, starts its workers sooner
+
     torch.manual_seed(0)
     yield
 
