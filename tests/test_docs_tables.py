@@ -49,7 +49,8 @@ def test_a_changed_figure_is_found_and_regenerated(tmp_path):
 
 def test_every_result_file_names_its_command_commit_and_date():
     files = sorted(RESULTS.glob("*.json"))
-    assert {"default_job.json", "owndata.json", "stream.json"} <= {p.name for p in files}
+    assert {f"{name}.json" for name in ("default_job", "owndata", "stream", "cell", "solvers", "models", "training",
+                                         "seg", "budget")} <= {p.name for p in files}
     for path in files:
         p = json.loads(path.read_text()).get("provenance") or {}
         assert p.get("command", "").startswith("python ") and p.get("commit") and p.get("date"), path.name
@@ -81,3 +82,39 @@ def test_the_quickstart_quotes_the_default_job_as_its_metrics_json_says(page):
     assert top1 == pytest.approx(metrics["val_top1"], abs=0.01)
     assert steps == pytest.approx(metrics["deq_nstep_mean"], abs=0.05)
     assert residual == pytest.approx(metrics["deq_rel_residual_mean"], rel=0.01)
+
+
+def _cells(markdown: str, first: str):
+    """The cells of the table row whose first cell starts with ``first``."""
+    row = next(line for line in markdown.splitlines() if line.startswith(f"| {first}"))
+    return [c.strip() for c in row.strip("|").split("|")]
+
+
+def test_renderers_put_each_measured_figure_where_the_table_says():
+    """Spot checks of the pivoted tables against their result files: the fast recipe's step relative to the
+    explicit baseline, a solver cell as f-evaluations / overhead ratio, a cell variant with its speed-up, and the
+    budget table's accuracy at k f-evaluations."""
+    training = json.loads((RESULTS / "training.json").read_text())
+    fast = next(r for r in training["rows"] if r["mode"] == "fast")
+    base = next(r for r in training["rows"] if r["mode"] == "explicit")
+    cells = _cells(RENDERERS["fast_recipe"](training), f"{fast['model']} | fast recipe")
+    assert cells[3] == f"{fast['step_s']:.2f}" and cells[4] == f"{fast['step_s'] / base['step_s']:.1f}x"
+
+    solvers = json.loads((RESULTS / "solvers.json").read_text())
+    block = next(r for r in solvers["rows"] if r["problem"] == "mdeq_block" and r["solver"] == "anderson")
+    described = next(p["description"] for p in solvers["problems"] if p["name"] == "mdeq_block")
+    header = _cells(RENDERERS["solvers"](solvers), "problem")
+    cells = _cells(RENDERERS["solvers"](solvers), described)
+    assert cells[header.index("anderson")] == f"{block['nfe']} / {block['overhead_ratio']:.2f}"
+
+    cell = json.loads((RESULTS / "cell.json").read_text())
+    bf16 = next(r for r in cell["rows"] if r["variant"] == "bf16" and r["mode"] == "train")
+    cells = _cells(RENDERERS["cell"](cell), f"{bf16['model']}, {bf16['input']} x {bf16['batch']} | train")
+    assert cells[-1] == f"{bf16['ms']:.1f} ({bf16['speedup']:.2f}x)"
+
+    budget = json.loads((RESULTS / "budget.json").read_text())
+    evals = budget["settings"]["evals"]
+    for method in budget["methods"].values():
+        cells = _cells(RENDERERS["budget"](budget), method["label"] + " |")
+        for k, b in zip(evals, method["budgets"]):
+            assert cells[1 + evals.index(k)].split(" ")[0] == f"{b['top1']:.1f}"

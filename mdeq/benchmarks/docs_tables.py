@@ -10,27 +10,22 @@ renderer and a result file relative to the Markdown file::
 
 ``update_file`` rewrites the blocks; ``check`` mode only reports the files whose blocks differ from what their
 results give (the test suite runs it). A renderer is a function of the result (a dict) returning Markdown,
-registered in ``RENDERERS``; a new measured table gets a renderer here and its result file under docs/results/.
+registered in ``RENDERERS`` (``docs_renderers``); a new measured table gets a renderer there and its result file under
+docs/results/.
 """
 from __future__ import annotations
 
 import json
 import re
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List
+from typing import Dict, Iterable, List
+
+from .docs_renderers import RENDERERS
 
 __all__ = ["RENDERERS", "render_block", "update_file", "update_files", "markdown_files"]
 
-RENDERERS: Dict[str, Callable[[Dict], str]] = {}
 _BLOCK = re.compile(r"(?P<start><!-- generated: (?P<name>[\w-]+) (?P<path>\S+) -->\n)(?P<body>.*?)"
                     r"(?P<end><!-- end generated -->)", re.S)
-
-
-def renderer(name: str):
-    def register(fn: Callable[[Dict], str]) -> Callable[[Dict], str]:
-        RENDERERS[name] = fn
-        return fn
-    return register
 
 
 def _provenance_line(result: Dict, link: str) -> str:
@@ -78,52 +73,3 @@ def markdown_files(root: Path) -> List[Path]:
 def update_files(files: Iterable[Path], check: bool = False) -> List[Path]:
     """The files whose generated blocks differed (and, unless ``check``, were rewritten)."""
     return [p for p in files if update_file(p, check)]
-
-
-# ------------------------------------------------------------------------------------------------ renderers
-def _pair(stream: float, scratch: float) -> str:
-    """"a / b" with the better one in bold when they differ by a point or more."""
-    a, b = f"{stream:.1f}", f"{scratch:.1f}"
-    if stream - scratch >= 1.0:
-        a = f"**{a}**"
-    elif scratch - stream >= 1.0:
-        b = f"**{b}**"
-    return f"{a} / {b}"
-
-
-@renderer("stream_summary")
-def stream_summary(result: Dict) -> str:
-    """``benchmark.py stream``: mIoU streamed / from scratch at each budget and from scratch at the references."""
-    budgets = result["budgets"]
-    first = next(iter(result["recipes"].values()))["runs"]
-    refs = [r["name"] for r in first if not r["streaming"] and not r["name"].startswith("scratch @")]
-    lines = ["| recipe | " + " | ".join(f"stream / scratch @{b}" for b in budgets) + " | "
-             + " | ".join(refs) + " |", "|---|" + "---:|" * (len(budgets) + len(refs))]
-    for rec in result["recipes"].values():
-        by_name = {r["name"]: r for r in rec["runs"]}
-        cells = [_pair(by_name[f"stream @{b}"]["miou"], by_name[f"scratch @{b}"]["miou"]) for b in budgets]
-        cells += [f"{by_name[n]['miou']:.1f} ({by_name[n]['evals_per_frame']:.1f} evals, "
-                  f"{by_name[n]['ms_per_frame']:.0f} ms)" for n in refs]
-        lines.append(f"| {rec['label']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-@renderer("owndata")
-def owndata(result: Dict) -> str:
-    """``benchmark.py owndata``: its own Markdown (one table per data set)."""
-    from .own_data import to_markdown
-
-    return to_markdown(result)
-
-
-@renderer("default_job")
-def default_job(result: Dict) -> str:
-    """The default job's ``metrics.json``: the figures the quickstart quotes (its time depends on the machine's
-    load, so it is left to the run's record)."""
-    return "\n".join([
-        "| model | recipe | epochs | steps | val top-1 | best val top-1 | val top-5 | solver steps / image "
-        "| rel. residual |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
-        f"| {result['model']} | {result.get('recipe') or '-'} | {result['epochs']} | {result['steps']} | "
-        f"{result['val_top1']:.2f} | {result['best_val_top1']:.2f} | {result['val_top5']:.2f} | "
-        f"{result['deq_nstep_mean']:.1f} | {result['deq_rel_residual_mean']:.4f} |"])
