@@ -4,7 +4,10 @@ was written by hand; the full per-row reports stay in each benchmark's own ``to_
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Callable, Dict, List
+
+from .report import fmt_number as _fmt
+from .report import markdown_table as _table
 
 __all__ = ["RENDERERS", "renderer"]
 
@@ -16,17 +19,6 @@ def renderer(name: str):
         RENDERERS[name] = fn
         return fn
     return register
-
-
-def _table(header: Iterable[str], aligns: str, rows: Iterable[Iterable[str]]) -> str:
-    """A Markdown table; ``aligns`` one character per column: ``l`` left, ``r`` right."""
-    header = list(header)
-    sep = "|" + "|".join("---:" if a == "r" else "---" for a in aligns) + "|"
-    return "\n".join(["| " + " | ".join(header) + " |", sep] + ["| " + " | ".join(r) + " |" for r in rows])
-
-
-def _fmt(value: Optional[float], digits: int) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
 
 
 # ------------------------------------------------------------------------------------------------ streaming
@@ -90,36 +82,37 @@ def cell(result: Dict) -> str:
     groups: Dict[tuple, Dict[str, Dict]] = {}
     for r in result["rows"]:
         groups.setdefault((r["model"], r["input"], r["batch"], r["mode"]), {})[r["variant"]] = r
-    rows = []
-    for (model, size, batch, mode), by in groups.items():
-        cells = [f"{by[v]['ms']:.1f} ms" if v == "eager" else f"{by[v]['ms']:.1f} ({by[v]['speedup']:.2f}x)"
-                 if v in by else "-" for v in variants]
-        rows.append([f"{model}, {size} x {batch}", mode, *cells])
+    def timing(r: Dict) -> str:
+        return f"{r['ms']:.1f} ms" if r["variant"] == "eager" else f"{r['ms']:.1f} ({r['speedup']:.2f}x)"
+
+    rows = [[f"{model}, {size} x {batch}", mode, *(timing(by[v]) if v in by else "-" for v in variants)]
+            for (model, size, batch, mode), by in groups.items()]
     return _table(["model, input x batch", "mode", *(_CELL_VARIANTS[v] for v in variants)],
                   "ll" + "r" * len(variants), rows)
 
 
 # ------------------------------------------------------------------------------------------------ training step
-_TRAIN_MODES = {"deq": "DEQ", "unroll": "unrolled", "explicit": "explicit"}
+_TRAIN_MODES = {"deq": ("DEQ", "= max_iter"), "unroll": ("unrolled", "max_iter / -"), "explicit": ("explicit", "-")}
+
+
+def _joined(rows: List[Dict], key: str, digits: int) -> str:
+    return " / ".join(f"{r[key]:.{digits}f}" for r in rows)
 
 
 @renderer("training_step")
 def training_step(result: Dict) -> str:
     """``benchmark.py train``: samples/s and memory of DEQ and unrolled steps at each budget (one row per mode,
     the budgets side by side), the explicit baseline, and the data pipeline alone."""
+    groups: Dict[tuple, List[Dict]] = {}
+    for r in result["rows"]:
+        if r["mode"] in _TRAIN_MODES:
+            groups.setdefault((r["mode"], r["model"]), []).append(r)
     rows = []
-    for mode, label in _TRAIN_MODES.items():
-        by_model: Dict[str, List[Dict]] = {}
-        for r in result["rows"]:
-            if r["mode"] == mode:
-                by_model.setdefault(r["model"], []).append(r)
-        for model, rs in by_model.items():
-            def joined(key, digits):
-                return " / ".join(f"{r[key]:.{digits}f}" for r in rs)
-            iters = " / ".join(str(r["max_iter"]) for r in rs) if mode != "explicit" else "-"
-            nfe = {"deq": "= max_iter", "unroll": "max_iter / -", "explicit": "-"}[mode]
-            rows.append([model, label, iters, nfe, joined("samples_per_s", 2), joined("peak_mb", 0),
-                         joined("saved_mb", 0)])
+    for (mode, model), rs in sorted(groups.items(), key=lambda g: list(_TRAIN_MODES).index(g[0][0])):
+        label, nfe = _TRAIN_MODES[mode]
+        iters = " / ".join(str(r["max_iter"]) for r in rs) if mode != "explicit" else "-"
+        rows.append([model, label, iters, nfe, _joined(rs, "samples_per_s", 2), _joined(rs, "peak_mb", 0),
+                     _joined(rs, "saved_mb", 0)])
     d = result.get("pipeline")
     if d:
         rows.append([f"data pipeline ({d['workers']} loader workers)", "decode + augment", "-", "-",

@@ -2,10 +2,10 @@
 table and the accuracy-vs-f-evaluations plot."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Dict, Optional
 
+from ..report import fmt_number as _fmt
 from ..report import save_report
 from .evaluation import CONVERGE_MAX_ITER
 
@@ -107,10 +107,6 @@ def fast_point(result: Dict, batch: str = "b1") -> Optional[Dict]:
     speedup = ref[key] / best["ms"]
     return dict(official=ref, reference=ref_row["label"], point=best, speedup=round(speedup, 1),
                 points=FAST_POINTS, target=FAST_SPEEDUP, met=speedup >= FAST_SPEEDUP)
-
-
-def _fmt(v: Optional[float], digits: int = 1) -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
 
 def _yes(flag: bool) -> str:
